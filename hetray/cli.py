@@ -1,0 +1,70 @@
+"""The ``hetray`` command line.
+
+    hetray convert --config jobs/quickstart.yaml [key.sub=value ...] [--force]
+    hetray inspect PATH
+    hetray run jobs/quickstart.yaml [key.sub=value ...]     # every stage of the job, in order
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from hetray.config import ConfigError, load_config
+from hetray.sources.readers import InputError
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hetray", description="Fine-tune LLMs from heterogeneous feedback.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="sources -> preferences/ (+ sft_only/, rejects/, manifest)")
+    c.add_argument("--config", required=True, help="job YAML, e.g. jobs/quickstart.yaml")
+    c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. convert.batch_size=512")
+    c.add_argument("--force", action="store_true", help="re-run even if the outputs are up to date")
+
+    i = sub.add_parser("inspect", help="summarise any hetray output (run dir, folder, parquet file)")
+    i.add_argument("path")
+
+    r = sub.add_parser("run", help="run every stage of a job, in order")
+    r.add_argument("config", help="job YAML")
+    r.add_argument("overrides", nargs="*")
+    r.add_argument("--force", action="store_true")
+    return p
+
+
+def _convert(cfg, force: bool) -> None:
+    from hetray.convert import run_convert
+    from hetray.summary import format_run_summary, summarize_run
+
+    run_convert(cfg, force=force)
+    print(format_run_summary(summarize_run(cfg.run_dir)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "inspect":
+            from hetray.summary import inspect
+
+            print(inspect(args.path))
+        elif args.command == "convert":
+            _convert(load_config(args.config, args.overrides), args.force)
+        elif args.command == "run":
+            cfg = load_config(args.config, args.overrides)
+            _convert(cfg, args.force)
+            print(f"\nsummary of the run: hetray inspect {cfg.run_dir}")
+    except (ConfigError, InputError, FileNotFoundError, ValueError) as e:
+        print(f"hetray: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
