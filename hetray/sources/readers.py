@@ -32,9 +32,9 @@ class InputError(ValueError):
     """A problem with an input that is found before any work starts."""
 
 
-def expand_paths(path: str | list[str]) -> list[str]:
+def expand_paths(path: str | os.PathLike | list) -> list[str]:
     """A file, folder, glob or list of them -> sorted list of files. Raises InputError."""
-    paths = [path] if isinstance(path, str) else list(path)
+    paths = [os.fspath(path)] if isinstance(path, (str, os.PathLike)) else [os.fspath(p) for p in path]
     files: list[str] = []
     for p in paths:
         if any(ch in p for ch in "*?["):
