@@ -188,7 +188,8 @@ def combine(items: list[dict], s: Settings) -> list[dict]:
             continue
         x = it["data"]["score"]
         if x in (best_score, worst_score):
-            out.append(no(it, "tie", f"{label} = {x} ties with the {'chosen' if x == best_score else 'rejected'} response"))
+            side = "chosen" if x == best_score else "rejected"
+            out.append(no(it, "tie", f"{label} = {x} ties with the {side} response"))
         else:
             out.append(no(it, "middle_rank", f"{label} = {x} is between {worst_score} and {best_score}"))
     return out

@@ -59,7 +59,7 @@ def parse(row: dict, s: Settings) -> list[dict]:
         if not text:
             return no("empty_response", f"field '{field}' has an empty last assistant turn")
     if chosen == rejected:
-        return no("identical_responses", f"fields 'chosen' and 'rejected' end in the same response: {chosen!r}")
+        return no("identical_responses", f"fields 'chosen' and 'rejected' end in the same reply: {chosen!r}")
     return [pair(s.name, prompt, chosen, rejected, [rid])]
 
 

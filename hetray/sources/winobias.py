@@ -101,11 +101,11 @@ def parse(row: dict, s: Settings) -> list[dict]:
         return no("bad_file_name", f"file name {os.path.basename(file)!r} is not a WinoBias file name")
     role, typ, split = info
     try:
-        n, sentence, clusters = parse_line(row["text"])
+        n, sentence, clusters = parse_line(row.get("text") or "")
     except ValueError as e:
         return no("unbalanced_brackets", str(e))
     if not clusters:
-        return no("no_cluster", f"no [...] coreference cluster in {row['text']!r}")
+        return no("no_cluster", f"no [...] coreference cluster in {row.get('text')!r}")
     n = line if n is None else n
     data = {"role": role, "n": n, "sentence": sentence}
     return [item(f"type{typ}/{split}/{n}", file, line, rid, data)]

@@ -15,7 +15,7 @@ Pairing: the male and female sentences of one ``occupation.participant.answer`` 
 group key; ``needs_shuffle`` is True). chosen = the anti-stereotype one, rejected = the
 pro-stereotype one, split into prompt / chosen / rejected by the longest common word prefix
 exactly as WinoBias does (``winobias.split_common_prefix``). ``quality`` and ``label`` are
-null. Record ids are the sentids; provenance = [anti sentid, pro sentid].
+null. Record ids are ``file:line`` (a sentid need not be unique); provenance = [anti, pro].
 
 Rejects: ``bad_sentid``, ``neutral_pronoun``, ``unknown_occupation``, ``no_stereotype``,
 ``unpaired``, ``identical_sentences``, ``duplicate_sentid`` (a group holds two sentences of the
@@ -107,20 +107,21 @@ def parse(row: dict, s: Settings) -> list[dict]:
         return [reject(s.name, file, line, rid, "bad_sentid",
                        f"field 'sentid' {sentid!r} is not occupation.participant.answer.gender.txt")]
     occupation, participant, answer, gender = m.groups()
-    rid = sentid.strip()
+    sentid = sentid.strip()
 
     def no(reason: str, detail: str) -> list[dict]:
         return [reject(s.name, file, line, rid, reason, detail)]
 
     if gender == "neutral":
-        return no("neutral_pronoun", f"sentid {rid!r} has a neutral pronoun")
+        return no("neutral_pronoun", f"sentid {sentid!r} has a neutral pronoun")
     pct = _stats(s.occupation_stats).get(occupation)
     if pct is None:
         return no("unknown_occupation", f"occupation {occupation!r} is not in {s.occupation_stats}")
     stereo = stereotype(pct, s.neutral_margin)
     if stereo is None:
-        return no("no_stereotype", f"occupation {occupation!r} is {pct}% female (within {s.neutral_margin} of 50)")
-    data = {"gender": gender, "sentence": " ".join(sentence.split()), "stereotype": stereo}
+        detail = f"occupation {occupation!r} is {pct}% female, within {s.neutral_margin} points of 50"
+        return no("no_stereotype", detail)
+    data = {"sentid": sentid, "gender": gender, "stereotype": stereo, "sentence": " ".join(sentence.split())}
     return [item(f"{occupation}.{participant}.{answer}", file, line, rid, data)]
 
 
@@ -135,7 +136,8 @@ def combine(items: list[dict], s: Settings) -> list[dict]:
         return reject(s.name, it["file"], it["line"], it["record_id"], reason, detail)
 
     if len(by_gender["male"]) > 1 or len(by_gender["female"]) > 1:
-        return [no(it, "duplicate_sentid", f"{group}: more than one sentence of the same gender") for it in items]
+        detail = f"{group}: more than one sentence of the same gender"
+        return [no(it, "duplicate_sentid", f"{detail} ({it['data']['sentid']})") for it in items]
     if not by_gender["male"] or not by_gender["female"]:
         (it,) = items
         other = "female" if it["data"]["gender"] == "male" else "male"

@@ -1,0 +1,97 @@
+"""Shared helpers for the benchmarks: machine description, peak memory of a process tree,
+and writing results (JSON + markdown) into benchmarks/results/ with the command that made them."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu,
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def _tree_pss(proc: psutil.Process) -> int:
+    """Proportional set size of a process and all its descendants (shared pages split fairly,
+    so Ray's shared-memory object store is not counted once per worker)."""
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+def run_measured(cmd: list[str], env: dict | None = None, interval: float = 0.5) -> dict:
+    """Run ``cmd``; return its wall time, exit code, and the peak PSS of its process tree."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ps = psutil.Process(proc.pid)
+    peak = 0
+    stop = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not stop.is_set():
+            try:
+                peak = max(peak, _tree_pss(ps))
+            except psutil.NoSuchProcess:
+                break
+            stop.wait(interval)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    out, _ = proc.communicate()
+    stop.set()
+    t.join()
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        sys.stderr.write(out[-5000:])
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
+    return {"wall_s": round(wall, 2), "peak_mem_mib": round(peak / 2**20, 1), "output_tail": out[-2000:]}
+
+
+def write_results(name: str, result: dict, markdown: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **result,
+    }
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    header = (
+        f"# {name}\n\ncommand: `{result['command']}`  \n"
+        f"machine: {result['machine']['cpus']} CPUs ({result['machine']['cpu_model']}), "
+        f"{result['machine']['memory_gib']} GiB, {result['machine']['platform']}  \n"
+        f"date: {result['date']}\n\n"
+    )
+    path = RESULTS / f"{name}.md"
+    path.write_text(header + markdown + "\n")
+    return path
