@@ -190,3 +190,31 @@ def split_output(table: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
         part = table.filter(pc.equal(table["kind"], kind)).select(schema.names)
         out.append(part.cast(schema))
     return out[0], out[1], out[2]
+
+
+# ---------------------------------------------------------------------------- selection stages
+
+def embedding_schema(dim: int) -> pa.Schema:
+    """``embeddings/``: one row per distinct prompt; ``vector`` is L2-normalised float32."""
+    return pa.schema(
+        [
+            pa.field("prompt_id", pa.string(), nullable=False),  # make_id(prompt)
+            pa.field("prompt", pa.string(), nullable=False),
+            pa.field("vector", pa.list_(pa.float32(), dim), nullable=False),
+        ]
+    )
+
+
+# ``clusters/assignments``: the cluster of every prompt and its squared distance to the centroid.
+ASSIGNMENT_SCHEMA = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("cluster", pa.int32(), nullable=False),
+        pa.field("distance", pa.float32(), nullable=False),
+    ]
+)
+
+
+def prompt_id(prompt: str) -> str:
+    """The id of a prompt's text: identical prompts share it (and are embedded once)."""
+    return make_id(prompt)

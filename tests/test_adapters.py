@@ -16,7 +16,6 @@ from hetray.sources.base import account, convert_rows
 from hetray.sources.readers import InputError, expand_paths, iter_records
 
 FIXTURES = Path(__file__).parent / "fixtures"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def run(module, settings, path):
@@ -151,10 +150,8 @@ def test_winobias_check_files_names_the_file(tmp_path):
 
 
 @pytest.mark.shared_data
-def test_winobias_shared_dev():
-    folder = SHARED / "winobias"
-    if not folder.is_dir():
-        pytest.skip(f"shared data folder {folder} is absent (a fresh clone has no ../shared)")
+def test_winobias_shared_dev(shared_data):
+    folder = shared_data / "winobias"
     files = sorted(str(f) for f in folder.glob("*_stereotyped_type*.txt.dev"))
     assert len(files) == 4
     winobias.check_files(files)
@@ -230,6 +227,18 @@ def test_winogender_stats_errors(tmp_path):
         winogender.load_occupation_stats(str(bad))
     with pytest.raises(InputError, match="missing.tsv"):
         winogender.load_occupation_stats(str(tmp_path / "missing.tsv"))
+
+
+def test_winogender_check_columns(tmp_path):
+    s = winogender.Settings(name="wg", path="x", occupation_stats=str(WG / "occupations-stats.tsv"))
+    winogender.check_columns(s, [str(WG / "all_sentences.tsv")])
+    table = tmp_path / "sentences.tsv"
+    table.write_text("sentid\ttext\nnurse.patient.0.male.txt\tThe nurse left.\n")
+    with pytest.raises(InputError, match=r"sentences\.tsv.*'sentence'"):
+        winogender.check_columns(s, [str(table)])
+    missing = s.model_copy(update={"occupation_stats": str(tmp_path / "nope.tsv")})
+    with pytest.raises(InputError, match="nope.tsv"):
+        winogender.check_columns(missing, [str(WG / "all_sentences.tsv")])
 
 
 # --- generic -------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Input: ``all_sentences.tsv`` (columns ``sentid``, ``sentence``), read as a table, and the
 occupation statistics ``occupations-stats.tsv`` (``s.occupation_stats``; columns
-``occupation``, ``bls_pct_female``, ...). ``sentid`` is
+``occupation``, ``bls_pct_female``, ...), which ``check_columns`` loads before any work. ``sentid`` is
 ``occupation.participant.answer.gender.txt`` (answer 0 = occupation, 1 = participant; gender
 male / female / neutral).
 
@@ -34,7 +34,7 @@ from pydantic import Field
 
 from hetray.schema import item, pair, reject
 from hetray.sources.base import SourceSettings, decode_json, require_str
-from hetray.sources.readers import InputError
+from hetray.sources.readers import InputError, is_table, table_columns
 from hetray.sources.winobias import split_common_prefix
 
 SENTID = re.compile(r"^([^.\s]+)\.([^.\s]+)\.([01])\.(male|female|neutral)\.txt$")
@@ -79,6 +79,17 @@ def load_occupation_stats(path: str) -> dict[str, float]:
 @functools.lru_cache(maxsize=8)
 def _stats(path: str) -> dict[str, float]:
     return load_occupation_stats(path)
+
+
+def check_columns(s: Settings, files: list[str]) -> None:
+    """Before any work: load ``s.occupation_stats`` and check the tables' columns. Raises InputError."""
+    _stats(s.occupation_stats)
+    for file in files:
+        if is_table(file):
+            have = [c.strip() for c in table_columns(file)]
+            for column in ("sentid", "sentence"):
+                if column not in have:
+                    raise InputError(f"{file}: no column {column!r} (columns: {have})")
 
 
 def stereotype(pct_female: float, margin: float) -> str | None:
