@@ -25,6 +25,7 @@ import os
 import shutil
 import time
 import uuid
+import zlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -68,32 +69,46 @@ def _combine_local(adapter, s, records: list[dict]) -> list[dict]:
     return out
 
 
-def parse_batch(batch: pa.Table, adapter, s, shuffle: bool, index: int = 0) -> pa.Table:
-    """RAW_SCHEMA batch -> OUTPUT_SCHEMA (no shuffle) or FLOW_SCHEMA (items await the shuffle).
+def parse_batch(batch: pa.Table, adapter, s, shuffle: bool, index: int = 0, n_buckets: int = 1) -> pa.Table:
+    """RAW_SCHEMA batch -> OUTPUT_SCHEMA (no shuffle) or FLOW_SCHEMA + ``bucket`` (items await
+    the shuffle).
 
     Group keys are prefixed with the source's ``index`` so that every source that needs a
-    shuffle shares one group-by (one shuffle for the stage, not one per source).
+    shuffle shares one group-by (one shuffle for the stage, not one per source). The shuffle
+    groups by ``bucket`` (a hash of the group key), not by the group itself: a bucket holds
+    many groups, so the per-call overhead of ``map_groups`` is paid per thousand records, not
+    per OASST tree.
     """
     records = [rec for row in batch.to_pylist() for rec in adapter.parse(row, s)]
     if not shuffle:
         return pa.Table.from_pylist(_combine_local(adapter, s, records), schema=OUTPUT_SCHEMA)
+    buckets = []
     for rec in records:
         if rec["kind"] == ITEM:
             rec["data"] = json.dumps(rec["data"], ensure_ascii=False)
-            rec["group"] = f"{index}\x1f{rec['group']}"
-        else:  # already final (a reject): travels through the shuffle in a group of its own
-            rec["group"] = f"{index}\x1f\x00{rec.get('record_id') or uuid.uuid4().hex}"
-    return pa.Table.from_pylist(records, schema=FLOW_SCHEMA)
+            key = rec["group"]
+        else:  # already final (a reject): travels through the shuffle, combine passes it on
+            key = rec.get("record_id") or ""
+        rec["group"] = f"{index}\x1f{key}"
+        buckets.append(zlib.crc32(rec["group"].encode("utf-8", "surrogatepass")) % n_buckets)
+    table = pa.Table.from_pylist(records, schema=FLOW_SCHEMA)
+    return table.append_column("bucket", pa.array(buckets, pa.int32()))
 
 
-def combine_group(group: pa.Table, plans: dict) -> pa.Table:
-    """All FLOW rows of one group -> OUTPUT_SCHEMA rows. ``plans``: source index -> (adapter, s)."""
-    records = group.to_pylist()
-    adapter, s = plans[int(records[0]["group"].split("\x1f", 1)[0])]
-    for rec in records:
+def combine_bucket(bucket: pa.Table, plans: dict) -> pa.Table:
+    """All FLOW rows of one bucket -> OUTPUT_SCHEMA rows, each group combined by its source's
+    adapter. ``plans``: source index -> (adapter, settings)."""
+    by_source = defaultdict(list)
+    for rec in bucket.drop_columns(["bucket"]).to_pylist():
+        index, rec["group"] = rec["group"].split("\x1f", 1)
         if rec["kind"] == ITEM:
             rec["data"] = json.loads(rec["data"])
-    return pa.Table.from_pylist(_combine_local(adapter, s, records), schema=OUTPUT_SCHEMA)
+        by_source[int(index)].append(rec)
+    out = []
+    for index in sorted(by_source):
+        adapter, s = plans[index]
+        out.extend(_combine_local(adapter, s, by_source[index]))
+    return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
 
 
 # ---------------------------------------------------------------------------- writing
@@ -232,34 +247,41 @@ def shuffle_partitions(files: list[str], configured: int | None) -> int:
     return int(min(200, max(2 * cpus, size // (128 << 20))))
 
 
+def n_shuffle_buckets(files: list[str]) -> int:
+    """About one bucket per MiB of input (a few thousand records), at least 16."""
+    size = sum(os.path.getsize(f) for f in files)
+    return int(max(16, size >> 20))
+
+
 def build_dataset(planned: list, batch_size: int, partitions: int | None = None):
     """The whole stage as one lazy Dataset: per-source reads and parses, one shared group-by
     for the sources that need it, and the union of everything."""
     import ray
 
-    direct, grouped, plans, grouped_files = [], [], {}, []
+    direct, grouped, plans = [], [], {}
+    shuffled_files = [f for adapter, files, s in planned if adapter.needs_shuffle(s) for f in files]
+    n_buckets = n_shuffle_buckets(shuffled_files)
     for index, (adapter, files, s) in enumerate(planned):
         spec = s.path if isinstance(s.path, str) else s.path[0]
         raw = ray.data.read_datasource(make_datasource(files, s.limit)) if files else _hub_dataset(spec, s.limit)
         shuffle = adapter.needs_shuffle(s)
         parsed = raw.map_batches(
             parse_batch,
-            fn_kwargs={"adapter": adapter, "s": s, "shuffle": shuffle, "index": index},
+            fn_kwargs={"adapter": adapter, "s": s, "shuffle": shuffle, "index": index, "n_buckets": n_buckets},
             batch_format="pyarrow",
             batch_size=batch_size,
         )
         if shuffle:
             grouped.append(parsed)
             plans[index] = (adapter, s)
-            grouped_files += files
         else:
             direct.append(parsed)
     if grouped:
         flow = grouped[0].union(*grouped[1:]) if len(grouped) > 1 else grouped[0]
-        n = shuffle_partitions(grouped_files, partitions)
+        n = shuffle_partitions(shuffled_files, partitions)
         direct.append(
-            flow.groupby("group", num_partitions=n).map_groups(
-                combine_group, fn_kwargs={"plans": plans}, batch_format="pyarrow"
+            flow.groupby("bucket", num_partitions=n).map_groups(
+                combine_bucket, fn_kwargs={"plans": plans}, batch_format="pyarrow"
             )
         )
     return direct[0].union(*direct[1:]) if len(direct) > 1 else direct[0]

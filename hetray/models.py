@@ -101,6 +101,8 @@ def _convert_gguf(gguf: Path) -> Path:
                 model.hf_quantizer.remove_quantization_config(model)
             model.save_pretrained(tmp)  # also writes generation_config.json
             tokenizer.save_pretrained(tmp)  # tokenizer.json + chat_template.jinja
+            for p in (tmp, *tmp.iterdir()):  # mkdtemp makes 0700; others may share the cache
+                p.chmod(0o755 if p.is_dir() else 0o644)
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

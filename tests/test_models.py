@@ -68,15 +68,20 @@ def test_default_llm_is_trainable(llm):
     assert params and all(type(p) is torch.nn.Parameter and p.dtype == torch.float32 for _, p in params)
     assert getattr(model, "hf_quantizer", None) is None
     assert getattr(model.config, "quantization_config", None) is None
-    emb = model.get_input_embeddings().weight
-    emb.requires_grad_(True)
+    # Gradients reach the last norm through the (tied, dequantised) output embedding. Only that
+    # one weight is trained so the backward pass stays cheap on CPU.
+    model.requires_grad_(False)
+    norm = model.base_model.norm.weight
+    norm.requires_grad_(True)
     try:
         batch = tokenizer(["Paris is the capital of France."], return_tensors="pt")
         loss = model(**batch, labels=batch["input_ids"]).loss
         loss.backward()
-        assert torch.isfinite(loss) and emb.grad is not None and torch.isfinite(emb.grad).all()
+        assert torch.isfinite(loss) and norm.grad is not None and torch.isfinite(norm.grad).all()
+        assert norm.grad.abs().sum() > 0
     finally:
         model.zero_grad(set_to_none=True)
+        model.requires_grad_(True)
 
 
 def test_embedder():
