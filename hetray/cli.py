@@ -2,6 +2,8 @@
 
     hetray convert --config jobs/quickstart.yaml [key.sub=value ...] [--force]
     hetray inspect PATH
+    hetray embed|cluster --config jobs/quickstart.yaml [overrides]
+    hetray select --config jobs/quickstart.yaml [--fraction F] [--n-clusters K] [overrides]
     hetray run jobs/quickstart.yaml [key.sub=value ...]     # every stage of the job, in order
 """
 
@@ -25,6 +27,20 @@ def make_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. convert.batch_size=512")
     c.add_argument("--force", action="store_true", help="re-run even if the outputs are up to date")
 
+    for name, help_ in (
+        ("embed", "preferences/ -> embeddings/ (distinct prompts, sentence-transformer vectors)"),
+        ("cluster", "embeddings/ -> clusters/ (distributed k-means)"),
+        ("select", "preferences/ + clusters/ -> selected/ (D_train) + selection report"),
+    ):
+        e = sub.add_parser(name, help=help_)
+        e.add_argument("--config", required=True, help="job YAML")
+        e.add_argument("overrides", nargs="*", help="dotted overrides")
+        e.add_argument("--force", action="store_true", help="re-run even if up to date")
+        if name in ("cluster", "select"):
+            e.add_argument("--n-clusters", type=int, help="k (same as cluster.n_clusters=K)")
+        if name == "select":
+            e.add_argument("--fraction", type=float, help="kept share (same as select.fraction=F)")
+
     i = sub.add_parser("inspect", help="summarise any hetray output (run dir, folder, parquet file)")
     i.add_argument("path")
 
@@ -43,6 +59,28 @@ def _convert(cfg, force: bool) -> None:
     print(format_run_summary(summarize_run(cfg.run_dir)))
 
 
+def _stage(name: str, cfg, force: bool) -> None:
+    if name == "embed":
+        from hetray.embed import run_embed
+
+        m = run_embed(cfg, force=force)
+        print(f"embeddings: {m.get('distinct_prompts', m.get('prompts'))} prompts -> {cfg.run_dir}/embeddings")
+    elif name == "cluster":
+        from hetray.cluster import run_cluster
+
+        m = run_cluster(cfg, force=force)
+        print(f"clusters: k={cfg.cluster.n_clusters} inertia {m.get('inertia')} sizes {m.get('sizes')}")
+    else:
+        from hetray.select import run_select
+
+        m = run_select(cfg, force=force)
+        print(
+            f"selected: {m['pairs_selected']} of {m['pairs_in']} pairs (fraction {cfg.select.fraction}, "
+            f"k={cfg.cluster.n_clusters}) -> {cfg.run_dir}/selected\n"
+            f"report: {cfg.run_dir}/selected/{m['report']['markdown']}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(
@@ -56,9 +94,17 @@ def main(argv: list[str] | None = None) -> int:
             print(inspect(args.path))
         elif args.command == "convert":
             _convert(load_config(args.config, args.overrides), args.force)
+        elif args.command in ("embed", "cluster", "select"):
+            overrides = list(args.overrides)
+            if getattr(args, "n_clusters", None) is not None:
+                overrides.append(f"cluster.n_clusters={args.n_clusters}")
+            if getattr(args, "fraction", None) is not None:
+                overrides.append(f"select.fraction={args.fraction}")
+            _stage(args.command, load_config(args.config, overrides), args.force)
         elif args.command == "run":
             cfg = load_config(args.config, args.overrides)
             _convert(cfg, args.force)
+            _stage("select", cfg, args.force)
             print(f"\nsummary of the run: hetray inspect {cfg.run_dir}")
     except (ConfigError, InputError, FileNotFoundError, ValueError) as e:
         print(f"hetray: error: {e}", file=sys.stderr)

@@ -75,6 +75,7 @@ class ClusterConfig(Strict):
 
 class SelectConfig(Strict):
     fraction: float = Field(default=1.0, gt=0, le=1, description="kept share of each cluster (paper: 0.2/0.4/0.6/1.0)")
+    stratify: bool = Field(default=True, description="every source keeps its share (paper A.3)")
     quality_normalization: Literal["none", "percentile"] = Field(
         default="none", description="percentile: rank quality within each source before comparing"
     )

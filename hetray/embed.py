@@ -115,7 +115,7 @@ def build_dataset(files: list[str], n_prompts: int, e, gpus: float, device: str,
 
     partitions = max(1, math.ceil(n_prompts / PROMPTS_PER_PARTITION))
     distinct = (
-        ray.data.read_parquet(files, columns=["prompt"])
+        ray.data.read_parquet(files).select_columns(["prompt"])
         .map_batches(add_prompt_id, batch_format="pyarrow")
         .groupby("prompt_id", num_partitions=partitions)
         .aggregate(Min("prompt", alias_name="prompt"))  # one id, one text: min is "the first"

@@ -92,21 +92,19 @@ def test_embed_distinct_prompts_reuse_and_reruns(tmp_path, ray_local):
     assert again["created"] == m["created"] and again["key"] == m["key"]
     assert mtimes(run) == before
 
-    # another batch size is another config: it runs again, and gives the same vectors
-    rebatched = run_embed(job(run, batch_size=3))
-    assert rebatched["key"] != m["key"]
+    # another model (the same weights under another path) and batch size: runs again; the
+    # vectors do not depend on the batch size
+    alias = tmp_path / "minilm"
+    alias.symlink_to(resolve_embedder("all-minilm-l6-v2"))
+    other = run_embed(job(run, model=str(alias), batch_size=3))
+    assert other["key"] != m["key"] and other["model_path"] == str(alias)
+    assert mtimes(run) != before  # new files
     for pid, (_, vec) in read_embeddings(run).items():
         np.testing.assert_allclose(vec, got[pid][1], atol=1e-5)
 
-    # another model (the same weights under another path) runs again
-    alias = tmp_path / "minilm"
-    alias.symlink_to(resolve_embedder("all-minilm-l6-v2"))
-    other = run_embed(job(run, model=str(alias)))
-    assert other["key"] != rebatched["key"] and other["model_path"] == str(alias)
-
     # new prompts run again
     write_preferences(run, prompts + ["A brand new prompt about tides."])
-    grown = run_embed(job(run, model=str(alias)))
+    grown = run_embed(job(run, model=str(alias), batch_size=3))
     assert grown["key"] != other["key"] and grown["distinct_prompts"] == 9 and grown["prompts"] == 21
     assert len(read_embeddings(run)) == 9
     assert not list(run.glob(".embed-tmp-*"))

