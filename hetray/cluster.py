@@ -84,7 +84,7 @@ def run_cluster(cfg: JobConfig, force: bool = False) -> dict:
     tmp = run_dir / f".cluster-tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        ds = ray.data.read_parquet(files, columns=["prompt_id", "vector"]).materialize()
+        ds = ray.data.read_parquet(files).select_columns(["prompt_id", "vector"]).materialize()
         res = fit_kmeans(
             ds,
             c.n_clusters,

@@ -88,7 +88,8 @@ class Embedder:
 # ---------------------------------------------------------------------------- planning
 
 
-def preference_files(run_dir: Path) -> list[str]:
+def preference_files(run_dir: Path) -> tuple[list[str], int]:
+    """The Parquet files of ``preferences/`` and their number of rows (from the footers)."""
     folder = run_dir / "preferences"
     if not folder.is_dir():
         raise InputError(f"{folder} does not exist: run `hetray convert` first")
@@ -96,16 +97,24 @@ def preference_files(run_dir: Path) -> list[str]:
     n_rows = sum(pq.read_metadata(f).num_rows for f in files)
     if n_rows == 0:
         raise InputError(f"no prompts to embed: {folder} holds no preference pairs")
-    return files
+    return files, n_rows
 
 
 def actor_resources(e) -> tuple[float, str, int]:
     """-> (GPUs per actor, torch device, torch threads) from the embed config and the cluster."""
     import ray
 
+    cluster = ray.cluster_resources()
+    spare = cluster.get("CPU", 0) - e.num_actors * e.num_cpus_per_actor
+    if spare < 1:  # the read, shuffle and write tasks would wait for the actors forever
+        raise InputError(
+            f"embed: {e.num_actors} actor(s) x {e.num_cpus_per_actor:g} CPU leave {spare:g} of the "
+            f"cluster's {cluster.get('CPU', 0):g} CPUs for reading and writing (need 1): lower "
+            "embed.num_actors or embed.num_cpus_per_actor"
+        )
     gpus = e.num_gpus_per_actor
     if gpus == "auto":
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        gpus = 1 if cluster.get("GPU", 0) > 0 else 0
     return float(gpus), "cuda" if gpus > 0 else "cpu", max(1, math.ceil(e.num_cpus_per_actor))
 
 
@@ -141,7 +150,7 @@ def run_embed(cfg: JobConfig, force: bool = False) -> dict:
 
     started = time.time()
     run_dir = Path(cfg.run_dir)
-    files = preference_files(run_dir)  # every check before any work
+    files, n_prompts = preference_files(run_dir)  # every check before any work
     inputs = [{"preferences": mf.fingerprint_dir(run_dir / "preferences")}]
     config = {"embed": cfg.embed.model_dump(mode="json")}
     key = mf.stage_key("embed", config, inputs)
@@ -152,7 +161,6 @@ def run_embed(cfg: JobConfig, force: bool = False) -> dict:
 
     check_model(cfg.embed.model)  # a wrong name fails here, not in every actor
     init_ray(cfg.ray)
-    n_prompts = sum(pq.read_metadata(f).num_rows for f in files)
     gpus, device, threads = actor_resources(cfg.embed)
     tmp = run_dir / f".embed-tmp-{uuid.uuid4().hex[:8]}"
     try:

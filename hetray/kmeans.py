@@ -218,7 +218,7 @@ def lloyd_batch(batch: pa.Table, centroids: np.ndarray, column: str, n_far: int)
         sums += (onehot @ xc).reshape(R, k, d)
         counts += np.bincount(rows, minlength=R * k).reshape(R, k)
         for r in range(R):  # merge this chunk's farthest points into the running top n_far
-            top = np.argsort(-mind[:, r], kind="stable")[:n_far]
+            top = _top(mind[:, r], n_far)
             cd = np.concatenate([far_d[r], mind[top, r]])
             cx = np.concatenate([far_x[r], xc[top]])
             best = np.argsort(-cd, kind="stable")[:n_far]
@@ -230,6 +230,12 @@ def lloyd_batch(batch: pa.Table, centroids: np.ndarray, column: str, n_far: int)
         "far_d": far_d[None],
         "far_x": far_x[None],
     }
+
+
+def _top(v: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the n largest values, largest first (ties: lower index first)."""
+    idx = np.arange(len(v)) if len(v) <= n else np.sort(np.argpartition(-v, n - 1)[:n])
+    return idx[np.argsort(-v[idx], kind="stable")]
 
 
 def _sparse_onehot(rows, cols, n_rows, n_cols):
@@ -286,10 +292,14 @@ def _sample(ds, n: int, column: str, seed: int, sample_size: int, batch_size: in
             if row["keys"].size == 0:
                 continue
             v = row["vectors"].reshape(len(row["keys"]), -1)
-            vecs = v if vecs is None else np.concatenate([vecs, v])
             u, first, inv = np.unique(np.concatenate([keys, row["keys"]]), return_index=True, return_inverse=True)
             counts = np.bincount(inv, weights=np.concatenate([counts, row["counts"]]))[:sample_size]
-            keys, vecs = u[:sample_size], vecs[first[:sample_size]]
+            sel = first[:sample_size]  # positions in [old sample, this batch]
+            old = sel < len(keys)
+            merged = np.empty((len(sel), v.shape[1]), np.float32)
+            merged[old] = vecs[sel[old]] if vecs is not None else 0
+            merged[~old] = v[sel[~old] - len(keys)]
+            keys, vecs = u[:sample_size], merged
         if len(keys) >= sample_size or frac >= 1:
             break
         frac = 1.0
@@ -385,7 +395,9 @@ def fit_kmeans(
     sizes: list = [None] * n_init
     done = [False] * n_init  # converged: the next pass only measures the final inertia
     active = list(range(n_init))
+    passes = 0
     while active:
+        passes += 1
         sums, counts, inertia, far_d, far_x = _lloyd_pass(ds, C[active], column, batch_size)
         still = []
         for j, r in enumerate(active):
@@ -399,8 +411,8 @@ def fit_kmeans(
             done[r] = shift <= tol_abs or n_iters[r] >= max_iter
             still.append(r)
         log.info(
-            "k-means pass: %d restart(s) active, iterations %s, inertia %s",
-            len(still), [n_iters[r] for r in active], [round(float(i), 4) for i in inertia],
+            "k-means pass %d: inertia %s (restarts %s); %d of %d restart(s) need another pass",
+            passes, [round(float(i), 4) for i in inertia], active, len(still), n_init,
         )
         active = still
     best = int(np.argmin(inertias))

@@ -120,3 +120,9 @@ def test_empty_preferences_say_no_prompts(tmp_path):
     with pytest.raises(InputError, match="no prompts to embed"):
         run_embed(job(tmp_path / "run"))
     assert not (tmp_path / "run" / "embeddings").exists()
+
+
+def test_actors_that_take_every_cpu_are_refused(tmp_path, ray_local):
+    write_preferences(tmp_path / "run", PROMPTS)
+    with pytest.raises(InputError, match="lower embed.num_actors"):  # else read tasks never run
+        run_embed(job(tmp_path / "run", num_actors=2))

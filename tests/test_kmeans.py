@@ -195,7 +195,8 @@ def test_run_cluster_writes_outputs_and_skips_rerun(tmp_path, ray_local, monkeyp
 
 
 def _real_texts(data) -> list[str]:
-    texts = [json.loads(line)["sentence"] for line in (data / "winogrande" / "dev.jsonl").open()]
+    lines = (data / "winogrande" / "dev.jsonl").open().readlines()[:1000]
+    texts = [json.loads(line)["sentence"] for line in lines]
 
     def prompter(node):
         if node.get("role") == "prompter":
@@ -229,7 +230,7 @@ def _minilm():
 @pytest.mark.slow
 def test_real_prompts_inertia_within_1_percent_of_sklearn(shared_data, ray_local):
     texts = _real_texts(shared_data)
-    assert len(texts) > 1300
+    assert len(texts) > 1400
     model = _minilm()
     x = np.asarray(model.encode(texts, batch_size=128, normalize_embeddings=True), np.float32)
     res = fit_kmeans(ray_local.data.from_numpy(np.array_split(x, 3)), 10, n_init=10, column="data", batch_size=512)
