@@ -184,6 +184,25 @@ def resolve_files(path: str | list[str]) -> list[str]:
     return expand_paths(local)
 
 
+def _hub_error(name: str, split: str, cause: Exception) -> InputError:
+    return InputError(
+        f"could not load the Hugging Face dataset {name!r} (split {split or 'train'!r}): the hub is "
+        f"not reachable from here or the dataset does not exist. Download it and give a local "
+        f"path instead. Cause: {type(cause).__name__}: {cause}"
+    )
+
+
+def _check_hub(spec: str) -> None:
+    """Fail before any work when a hub dataset cannot be reached (e.g. offline)."""
+    name, _, split = spec[len("hf:"):].partition(":")
+    try:
+        import datasets
+
+        datasets.load_dataset_builder(name)
+    except Exception as e:  # noqa: BLE001 - any hub failure gets the same clear message
+        raise _hub_error(name, split, e) from None
+
+
 def _hub_dataset(spec: str, limit: int | None):
     """``hf:ORG/NAME[:SPLIT]`` -> a Ray Dataset of RAW rows (needs network)."""
     import ray
@@ -193,14 +212,16 @@ def _hub_dataset(spec: str, limit: int | None):
         import datasets
 
         hf = datasets.load_dataset(name, split=split or "train", streaming=False)
-    except Exception as e:  # noqa: BLE001 - any hub failure gets the same clear message
-        raise InputError(
-            f"could not load the Hugging Face dataset {name!r} (split {split or 'train'!r}); "
-            f"is the hub reachable? Download it and give a local path instead. Cause: {e}"
-        ) from None
+    except Exception as e:  # noqa: BLE001
+        raise _hub_error(name, split, e) from None
     if limit:
         hf = hf.select(range(min(limit, len(hf))))
-    ds = ray.data.from_huggingface(hf)
+    if os.path.exists(name):
+        # a local dataset folder: from_huggingface would still ask the hub for parquet URLs
+        # (and fail offline), so hand Ray the memory-mapped Arrow table instead.
+        ds = ray.data.from_arrow(hf.data.table)
+    else:
+        ds = ray.data.from_huggingface(hf)
 
     def to_raw(batch: pa.Table) -> pa.Table:
         from hetray.sources.readers import _table_batch
@@ -217,6 +238,7 @@ def plan_source(s) -> tuple[object, list[str], object]:
     if any(p.startswith("hf:") for p in paths):
         if len(paths) != 1:
             raise InputError(f"source {s.name!r}: a hub dataset cannot be mixed with other paths")
+        _check_hub(paths[0])
         return adapter, [], s
     try:
         files = resolve_files(s.path)

@@ -38,7 +38,8 @@ from hetray.sources.readers import InputError
 log = logging.getLogger(__name__)
 
 ROWS_PER_FILE = 100_000  # ~150 MB of 384-d vectors per output file
-PROMPTS_PER_PARTITION = 1_000_000  # shuffle partitions for the dedupe: one per this many prompts
+PROMPTS_PER_PARTITION = 1_000_000  # dedupe shuffle: at least one partition per this many prompts
+BLOCKS_PER_ACTOR = 8  # ... and this many per actor: one partition is one block is one actor call
 
 
 # ---------------------------------------------------------------------------- pure batch logic
@@ -122,7 +123,7 @@ def build_dataset(files: list[str], n_prompts: int, e, gpus: float, device: str,
     import ray
     from ray.data.aggregate import Min
 
-    partitions = max(1, math.ceil(n_prompts / PROMPTS_PER_PARTITION))
+    partitions = max(math.ceil(n_prompts / PROMPTS_PER_PARTITION), BLOCKS_PER_ACTOR * e.num_actors)
     distinct = (
         ray.data.read_parquet(files).select_columns(["prompt"])
         .map_batches(add_prompt_id, batch_format="pyarrow")

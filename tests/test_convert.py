@@ -107,3 +107,30 @@ def test_cli_convert_and_inspect(tmp_path, ray_local, capsys):
     assert "wg  invalid_utf8: 1" in capsys.readouterr().out
     assert main(["convert", "--config", str(cfg), "convert.sources.0.colour=red"]) == 2
     assert "unknown key 'convert.sources[0].colour'" in capsys.readouterr().err
+
+
+def test_hub_dataset_offline_is_a_clear_error_before_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cfg = job(tmp_path, [{"name": "oa", "format": "oasst", "path": "hf:OpenAssistant/oasst1:validation"}])
+    with pytest.raises(InputError, match="could not load the Hugging Face dataset 'OpenAssistant/oasst1'"):
+        run_convert(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_hub_loader_runs_on_a_local_dataset_folder(tmp_path, ray_local):
+    """`hf:` goes through `datasets.load_dataset` + `ray.data.from_huggingface`, the code path a
+    user with network takes; here it reads a local folder, as the hub loader also accepts."""
+    import json
+
+    data = tmp_path / "hubdata"
+    data.mkdir()
+    lines = (FIXTURES / "winogrande" / "dev.jsonl").read_bytes().splitlines()[:4]
+    rows = [json.loads(line) for line in lines]
+    (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    m = run_convert(job(tmp_path, [{"name": "wg", "format": "winogrande", "path": f"hf:{data}:train"}]))
+    assert m["counts"]["wg"]["pairs"] == 4
+    prefs = read(tmp_path / "run" / "preferences").to_pylist()
+    assert {p["chosen"] for p in prefs} == {"Anna", "ice", "Carl", "pot"}
