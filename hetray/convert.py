@@ -19,7 +19,7 @@ succeeded: a failed run never leaves half an output behind, nor destroys the pre
 
 from __future__ import annotations
 
-import json
+import pickle
 import logging
 import os
 import shutil
@@ -85,7 +85,7 @@ def parse_batch(batch: pa.Table, adapter, s, shuffle: bool, index: int = 0, n_bu
     buckets = []
     for rec in records:
         if rec["kind"] == ITEM:
-            rec["data"] = json.dumps(rec["data"], ensure_ascii=False)
+            rec["data"] = pickle.dumps(rec["data"], protocol=pickle.HIGHEST_PROTOCOL)
             key = rec["group"]
         else:  # already final (a reject): travels through the shuffle, combine passes it on
             key = rec.get("record_id") or ""
@@ -102,7 +102,7 @@ def combine_bucket(bucket: pa.Table, plans: dict) -> pa.Table:
     for rec in bucket.drop_columns(["bucket"]).to_pylist():
         index, rec["group"] = rec["group"].split("\x1f", 1)
         if rec["kind"] == ITEM:
-            rec["data"] = json.loads(rec["data"])
+            rec["data"] = pickle.loads(rec["data"])
         by_source[int(index)].append(rec)
     out = []
     for index in sorted(by_source):

@@ -39,7 +39,11 @@ log = logging.getLogger(__name__)
 
 ROWS_PER_FILE = 100_000  # ~150 MB of 384-d vectors per output file
 PROMPTS_PER_PARTITION = 1_000_000  # dedupe shuffle: at least one partition per this many prompts
-BLOCKS_PER_ACTOR = 8  # ... and this many per actor: one partition is one block is one actor call
+CALLS_PER_ACTOR = 4  # at least this many blocks (actor calls) per actor: every actor has work
+# At most this many encode batches per actor call. encode() sorts a call's prompts by length
+# before it cuts them into batches, so a wide call pads less: for prompts of 10-40 words,
+# batches of 256 drawn at random hold 1.6x the real tokens, cut from 2500 sorted ones 1.07x.
+BATCHES_PER_CALL = 16
 
 
 # ---------------------------------------------------------------------------- pure batch logic
@@ -119,11 +123,19 @@ def actor_resources(e) -> tuple[float, str, int]:
     return float(gpus), "cuda" if gpus > 0 else "cpu", max(1, math.ceil(e.num_cpus_per_actor))
 
 
+def plan_calls(n_prompts: int, e) -> tuple[int, int]:
+    """-> (dedupe shuffle partitions, prompts per actor call) for ``n_prompts`` prompts."""
+    calls = CALLS_PER_ACTOR * e.num_actors
+    partitions = max(math.ceil(n_prompts / PROMPTS_PER_PARTITION), calls)
+    per_call = min(e.batch_size * BATCHES_PER_CALL, max(e.batch_size, math.ceil(n_prompts / calls)))
+    return partitions, per_call
+
+
 def build_dataset(files: list[str], n_prompts: int, e, gpus: float, device: str, threads: int):
     import ray
     from ray.data.aggregate import Min
 
-    partitions = max(math.ceil(n_prompts / PROMPTS_PER_PARTITION), BLOCKS_PER_ACTOR * e.num_actors)
+    partitions, per_call = plan_calls(n_prompts, e)
     distinct = (
         ray.data.read_parquet(files).select_columns(["prompt"])
         .map_batches(add_prompt_id, batch_format="pyarrow")
@@ -133,7 +145,7 @@ def build_dataset(files: list[str], n_prompts: int, e, gpus: float, device: str,
     return distinct.map_batches(
         Embedder,
         fn_constructor_kwargs={"model": e.model, "device": device, "threads": threads, "batch_size": e.batch_size},
-        batch_size=e.batch_size,
+        batch_size=per_call,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=e.num_actors),
         num_cpus=e.num_cpus_per_actor,

@@ -83,10 +83,11 @@ RAW_SCHEMA = pa.schema(
 )
 
 # What flows between the parse and the combine step of a grouped adapter: OUTPUT_SCHEMA plus
-# the group key and the adapter's own item payload (JSON). ``kind`` is "item" for those rows.
+# the group key and the adapter's own item payload (pickled: it never leaves the stage).
+# ``kind`` is "item" for those rows.
 ITEM = "item"
 FLOW_SCHEMA = OUTPUT_SCHEMA.append(pa.field("group", pa.string())).append(
-    pa.field("data", pa.string())
+    pa.field("data", pa.binary())
 )
 
 
@@ -164,7 +165,7 @@ def record_id(file: str, line: int) -> str:
 def item(group: str, file: str, line: int, record_id: str, data: dict) -> dict:
     """A piece of a group (e.g. one OASST message of a tree) waiting for its siblings.
 
-    ``data`` is the adapter's own payload; it must be JSON-serialisable.
+    ``data`` is the adapter's own payload: plain Python values (it is pickled for the shuffle).
     """
     return {
         "kind": ITEM,

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hetray.config import JobConfig
-from hetray.embed import add_prompt_id, run_embed, to_embedding_table
+from hetray.config import EmbedConfig, JobConfig
+from hetray.embed import add_prompt_id, plan_calls, run_embed, to_embedding_table
 from hetray.models import load_embedder, resolve_embedder
 from hetray.schema import PREFERENCE_SCHEMA, embedding_schema, pair, prompt_id
 from hetray.sources.readers import InputError
@@ -67,6 +67,13 @@ def test_batch_helpers_without_ray():
     table = to_embedding_table(batch["prompt_id"], batch["prompt"], vectors)
     assert table.schema.equals(embedding_schema(4))
     assert table.column("vector").to_pylist()[1] == [0.0, 1.0, 0.0, 0.0]
+
+
+def test_plan_calls_gives_every_actor_work_in_wide_calls():
+    two = EmbedConfig(batch_size=256, num_actors=2)
+    assert plan_calls(20_000, two) == (8, 2500)  # 4 calls per actor, each sorted by length
+    assert plan_calls(100, two) == (8, 256)  # never below one encode batch
+    assert plan_calls(10_000_000, two) == (10, 4096)  # at most 16 encode batches per call
 
 
 def test_embed_distinct_prompts_reuse_and_reruns(tmp_path, ray_local):

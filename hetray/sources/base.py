@@ -24,7 +24,7 @@ rows exactly as the Ray stage does, for tests and for small inputs.
 
 from __future__ import annotations
 
-import json
+import orjson
 from collections import defaultdict
 from typing import Iterable
 
@@ -59,8 +59,8 @@ def decode_json(row: dict, source: str) -> tuple[dict | None, dict | None]:
     if row.get("error"):
         return None, reject(source, file, line, rid, row["error"], row.get("text"))
     try:
-        obj = json.loads(row["text"])
-    except (json.JSONDecodeError, TypeError) as e:
+        obj = orjson.loads(row["text"])
+    except (orjson.JSONDecodeError, TypeError) as e:
         return None, reject(source, file, line, rid, "malformed_json", f"{e}: {row['text']!r}")
     if not isinstance(obj, dict):
         return None, reject(
