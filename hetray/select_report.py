@@ -28,6 +28,7 @@ def _cluster_plot(table: pd.DataFrame, path: Path) -> None:
             ax.bar(clusters + offset, vals, width, bottom=bottom, color=f"C{i}", alpha=alpha,
                    label=f"{src} ({'before' if col == 'n' else 'after'})")
             bottom += vals
+    ax.set_xticks(clusters)
     ax.set_xlabel("cluster")
     ax.set_ylabel("pairs")
     ax.set_title("cluster sizes: before (light) and after selection")
