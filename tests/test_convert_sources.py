@@ -1,6 +1,8 @@
 """Every adapter through the Ray stage agrees with the plain-Python reference, and the real
 samples in ../shared/data convert to known counts."""
 
+import json
+
 import pyarrow.parquet as pq
 import pytest
 
@@ -43,8 +45,15 @@ def _reference(s):
 
 
 def test_every_adapter_through_ray_matches_reference(tmp_path, ray_local):
+    import pyarrow as pa
+
+    # a Parquet input too: Ray must open it for random access (its footer)
+    rows = [r for r in (json.loads(x["text"]) for x in iter_records(F / "generic" / "pairwise.jsonl") if not x["error"])
+            if isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("prompt", "chosen", "rejected"))]
+    pq.write_table(pa.Table.from_pylist([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]), tmp_path / "pairs.parquet")
+    sources = SOURCES + [{"name": "gen_parquet", "format": "generic", "shape": "pairwise", "path": str(tmp_path / "pairs.parquet")}]
     cfg = JobConfig.model_validate(
-        {"run_dir": str(tmp_path / "run"), "convert": {"sources": SOURCES, "batch_size": 4}}
+        {"run_dir": str(tmp_path / "run"), "convert": {"sources": sources, "batch_size": 4}}
     )
     m = run_convert(cfg)
     prefs = _table(tmp_path / "run" / "preferences").to_pylist()
@@ -66,6 +75,7 @@ def test_every_adapter_through_ray_matches_reference(tmp_path, ray_local):
     hub = [p for p in prefs if p["source"] == "oa_hub"]
     assert hub and all(p["label"] == "toxicity" and p["quality"] is not None for p in hub)
     assert m["counts"]["gen_sft"]["sft"] > 0
+    assert m["counts"]["gen_parquet"]["pairs"] == len(rows) > 0
 
 
 def test_shared_data_known_counts(tmp_path, ray_local, shared_data):

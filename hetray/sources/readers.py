@@ -217,6 +217,11 @@ def make_datasource(files: list[str], limit: int | None = None):
             super().__init__(paths)
             self._limit = limit
 
+        def _open_input_source(self, filesystem, path, **open_args):
+            if path.lower().endswith(".parquet"):  # Parquet needs random access (its footer)
+                return filesystem.open_input_file(path)
+            return super()._open_input_source(filesystem, path, **open_args)
+
         def _read_stream(self, f, path: str):
             # Ray hands us the path without the original relative form; keep what the user
             # wrote so rejects name the file as they know it.
