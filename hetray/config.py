@@ -20,6 +20,7 @@ from pydantic import Field, ValidationError
 
 from hetray.sources import ADAPTERS
 from hetray.sources.base import Strict
+from hetray.train.config import TrainConfig
 
 SourceConfig = Annotated[
     Union[tuple(settings for _, settings in ADAPTERS.values())],
@@ -55,7 +56,7 @@ class ConvertConfig(Strict):
 
 class EmbedConfig(Strict):
     model: str = Field(default="all-minilm-l6-v2", description="sentence-transformers name or path")
-    batch_size: int = Field(default=256, ge=1, description="prompts per encode call")
+    batch_size: int = Field(default=256, ge=1, description="prompts per forward pass (an actor call sorts up to 16 batches by length)")
     num_actors: int = Field(default=1, ge=1, description="embedding actors (each loads the model once)")
     num_gpus_per_actor: float | Literal["auto"] = Field(
         default="auto", description="auto: 1 when the cluster has GPUs, else run on CPU"
@@ -94,6 +95,7 @@ class JobConfig(Strict):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:

@@ -9,7 +9,9 @@ The pipeline is ``read_parquet -> prompt_id (map_batches) -> groupby(prompt_id) 
 (actor pool) -> write_parquet``. Identical prompts (a prompt with several reply pairs) meet in
 Ray's hash shuffle and are embedded once; the driver never holds the prompts. The model is
 loaded once per actor (``Embedder.__init__``); each actor asks for a GPU when the cluster has
-them (``num_gpus_per_actor: auto``) and otherwise runs torch on its own CPUs.
+them (``num_gpus_per_actor: auto``) and otherwise runs torch with one thread per reserved CPU.
+An actor call holds up to 16 encode batches, which ``encode`` sorts by length: short prompts
+are not padded to the length of long ones (``plan_calls``).
 
 The stage is skipped when its manifest key (the embed config and the fingerprint of
 ``preferences/``) is unchanged: same prompts and model -> the stored vectors are re-used.
@@ -58,10 +60,11 @@ def add_prompt_id(batch: pa.Table) -> pa.Table:
 
 def to_embedding_table(ids: pa.ChunkedArray, prompts: pa.ChunkedArray, vectors: np.ndarray) -> pa.Table:
     """prompt ids, prompts and an (n, dim) array -> an ``embedding_schema(dim)`` table."""
-    n, dim = vectors.shape
+    dim = vectors.shape[1]
     flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
     return pa.Table.from_arrays(
-        [ids.combine_chunks(), prompts.combine_chunks(), pa.FixedSizeListArray.from_arrays(flat, dim)],
+        [ids.combine_chunks().cast(pa.string()), prompts.combine_chunks().cast(pa.string()),
+         pa.FixedSizeListArray.from_arrays(flat, dim)],
         schema=embedding_schema(dim),
     )
 
@@ -144,7 +147,9 @@ def build_dataset(files: list[str], n_prompts: int, e, gpus: float, device: str,
     )
     return distinct.map_batches(
         Embedder,
-        fn_constructor_kwargs={"model": e.model, "device": device, "threads": threads, "batch_size": e.batch_size},
+        fn_constructor_kwargs={
+            "model": e.model, "device": device, "threads": threads, "batch_size": e.batch_size
+        },
         batch_size=per_call,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=e.num_actors),
@@ -156,6 +161,17 @@ def build_dataset(files: list[str], n_prompts: int, e, gpus: float, device: str,
 # ---------------------------------------------------------------------------- entry point
 
 
+def embed_key(cfg: JobConfig) -> tuple[str, dict, list[dict]]:
+    """-> (key, config, inputs): the stage re-runs when the model or the prompts change.
+
+    Only the model enters the key: batch size, actor count and devices change how fast the
+    vectors come, not what they are, so Tune trials and re-runs with other resources reuse them.
+    """
+    inputs = [{"preferences": mf.fingerprint_dir(Path(cfg.run_dir) / "preferences")}]
+    config = {"embed": cfg.embed.model_dump(mode="json")}
+    return mf.stage_key("embed", {"model": cfg.embed.model}, inputs), config, inputs
+
+
 def run_embed(cfg: JobConfig, force: bool = False) -> dict:
     """Embed every distinct prompt of ``cfg.run_dir``'s preferences. Returns the manifest."""
     from hetray.models import check_model, resolve_embedder
@@ -164,9 +180,7 @@ def run_embed(cfg: JobConfig, force: bool = False) -> dict:
     started = time.time()
     run_dir = Path(cfg.run_dir)
     files, n_prompts = preference_files(run_dir)  # every check before any work
-    inputs = [{"preferences": mf.fingerprint_dir(run_dir / "preferences")}]
-    config = {"embed": cfg.embed.model_dump(mode="json")}
-    key = mf.stage_key("embed", config, inputs)
+    key, config, inputs = embed_key(cfg)
     out_dir = run_dir / "embeddings"
     if not force and mf.is_up_to_date(out_dir, key):
         log.info("embed: %s is up to date (key %s), skipping", out_dir, key)

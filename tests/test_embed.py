@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from hetray.config import EmbedConfig, JobConfig
-from hetray.embed import add_prompt_id, plan_calls, run_embed, to_embedding_table
+from hetray.embed import add_prompt_id, embed_key, plan_calls, run_embed, to_embedding_table
 from hetray.models import load_embedder, resolve_embedder
 from hetray.schema import PREFERENCE_SCHEMA, embedding_schema, pair, prompt_id
 from hetray.sources.readers import InputError
@@ -76,6 +76,17 @@ def test_plan_calls_gives_every_actor_work_in_wide_calls():
     assert plan_calls(10_000_000, two) == (10, 4096)  # at most 16 encode batches per call
 
 
+def test_key_changes_with_model_and_prompts_only(tmp_path):
+    run = tmp_path / "run"
+    write_preferences(run, PROMPTS)
+    key = embed_key(job(run))[0]
+    assert embed_key(job(run))[0] == key
+    assert embed_key(job(run, model="/some/other/model"))[0] != key
+    assert embed_key(job(run, batch_size=3, num_actors=2))[0] == key  # resources: same vectors
+    write_preferences(run, PROMPTS + ["One more prompt."])
+    assert embed_key(job(run))[0] != key
+
+
 def test_embed_distinct_prompts_reuse_and_reruns(tmp_path, ray_local):
     run = tmp_path / "run"
     prompts = PROMPTS + PROMPTS[:6] + PROMPTS[2:8]  # 20 pairs, 8 distinct prompts
@@ -99,21 +110,19 @@ def test_embed_distinct_prompts_reuse_and_reruns(tmp_path, ray_local):
     assert again["created"] == m["created"] and again["key"] == m["key"]
     assert mtimes(run) == before
 
-    # another model (the same weights under another path) and batch size: runs again; the
-    # vectors do not depend on the batch size
+    # a new prompt, another model path (the same weights) and batch size: runs again, and the
+    # vectors of the old prompts do not depend on the batch size
+    write_preferences(run, prompts + ["A brand new prompt about tides."])
     alias = tmp_path / "minilm"
     alias.symlink_to(resolve_embedder("all-minilm-l6-v2"))
-    other = run_embed(job(run, model=str(alias), batch_size=3))
-    assert other["key"] != m["key"] and other["model_path"] == str(alias)
-    assert mtimes(run) != before  # new files
-    for pid, (_, vec) in read_embeddings(run).items():
-        np.testing.assert_allclose(vec, got[pid][1], atol=1e-5)
-
-    # new prompts run again
-    write_preferences(run, prompts + ["A brand new prompt about tides."])
     grown = run_embed(job(run, model=str(alias), batch_size=3))
-    assert grown["key"] != other["key"] and grown["distinct_prompts"] == 9 and grown["prompts"] == 21
-    assert len(read_embeddings(run)) == 9
+    assert grown["key"] != m["key"] and grown["model_path"] == str(alias)
+    assert grown["distinct_prompts"] == 9 and grown["prompts"] == 21
+    assert mtimes(run) != before  # new files
+    now = read_embeddings(run)
+    assert len(now) == 9
+    for pid, (_, vec) in got.items():
+        np.testing.assert_allclose(now[pid][1], vec, atol=1e-5)
     assert not list(run.glob(".embed-tmp-*"))
 
 
