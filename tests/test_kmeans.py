@@ -163,6 +163,7 @@ def cluster_job(tmp_path, **cluster) -> JobConfig:
     )
 
 
+@pytest.mark.slow
 def test_run_cluster_writes_outputs_and_skips_rerun(tmp_path, ray_local, monkeypatch):
     with pytest.raises(InputError, match="hetray embed"):
         run_cluster(cluster_job(tmp_path))
