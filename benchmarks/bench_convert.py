@@ -127,8 +127,8 @@ def bench(n: int, work: Path) -> dict:
     res = {
         "messages": count,
         "input_mib": round(size_mb, 1),
-        "hetray": {k: hetray[k] for k in ("wall_s", "peak_mem_mib")},
-        "pandas": {k: pandas[k] for k in ("wall_s", "peak_mem_mib")},
+        "hetray": {k: hetray[k] for k in ("wall_s", "peak_mem_mib", "load_avg_1min_after")},
+        "pandas": {k: pandas[k] for k in ("wall_s", "peak_mem_mib", "load_avg_1min_after")},
         "hetray_pairs": manifest["totals"]["pairs"],
         "pandas_pairs": pandas_pairs,
     }
@@ -160,7 +160,10 @@ def main() -> None:
         "| hetray peak MiB | pandas peak MiB | memory ratio | pairs (hetray / pandas) |\n"
         "|---|---|---|---|---|---|---|---|---|\n" + rows + "\n\n"
         "Peak memory is the PSS of the whole process tree (hetray: driver + raylet + Ray workers, "
-        "object store shared pages counted once; pandas: its one process), sampled every 0.5 s."
+        "object store shared pages counted once; pandas: its one process), sampled every 0.5 s. "
+        "Load averages after each run: "
+        + "; ".join(f"{r['messages']:,}: hetray {r['hetray']['load_avg_1min_after']}, pandas {r['pandas']['load_avg_1min_after']}" for r in runs)
+        + " (2 cores: above 2 means other work competed)."
     )
     path = write_results("bench_convert", {"runs": runs}, md)
     shutil.rmtree(work, ignore_errors=True)

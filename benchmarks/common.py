@@ -74,7 +74,12 @@ def run_measured(cmd: list[str], env: dict | None = None, interval: float = 0.5)
     if proc.returncode != 0:
         sys.stderr.write(out[-5000:])
         raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
-    return {"wall_s": round(wall, 2), "peak_mem_mib": round(peak / 2**20, 1), "output_tail": out[-2000:]}
+    return {
+        "wall_s": round(wall, 2),
+        "peak_mem_mib": round(peak / 2**20, 1),
+        "load_avg_1min_after": round(os.getloadavg()[0], 2),  # above the core count: contended
+        "output_tail": out[-2000:],
+    }
 
 
 def write_results(name: str, result: dict, markdown: str) -> Path:
