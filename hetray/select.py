@@ -110,7 +110,7 @@ def run_select(cfg: JobConfig, force: bool = False, out_name: str = "selected") 
         return mf.read_manifest(out_dir)
 
     s = cfg.select
-    narrow = ray.data.read_parquet(pref_files, columns=["pair_id", "prompt", "source", "quality"])
+    narrow = ray.data.read_parquet(pref_files).select_columns(["pair_id", "prompt", "source", "quality"])
     narrow = narrow.map_batches(_narrow, fn_kwargs={"seed": cfg.seed}, batch_format="pyarrow")
     narrow = pa.concat_tables(ray.get(narrow.to_arrow_refs()))
     assign = pq.ParquetDataset(parquet_files(run_dir / "clusters" / "assignments")).read(
