@@ -4,6 +4,7 @@
     hetray inspect PATH
     hetray embed|cluster --config jobs/quickstart.yaml [overrides]
     hetray select --config jobs/quickstart.yaml [--fraction F] [--n-clusters K] [overrides]
+    hetray train sft|reward|ppo|rloo|dpo --config jobs/quickstart.yaml [overrides] [--force]
     hetray run jobs/quickstart.yaml [key.sub=value ...]     # every stage of the job, in order
 """
 
@@ -15,6 +16,8 @@ import sys
 
 from hetray.config import ConfigError, load_config
 from hetray.sources.readers import InputError
+
+TRAIN_STAGES = ("sft", "reward", "ppo", "rloo", "dpo")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -40,6 +43,14 @@ def make_parser() -> argparse.ArgumentParser:
             e.add_argument("--n-clusters", type=int, help="k (same as cluster.n_clusters=K)")
         if name == "select":
             e.add_argument("--fraction", type=float, help="kept share (same as select.fraction=F)")
+
+    t = sub.add_parser("train", help="a training stage on Ray Train: sft -> reward -> ppo | rloo | dpo")
+    stages = t.add_subparsers(dest="stage", required=True, metavar="{" + ",".join(TRAIN_STAGES) + "}")
+    for stage in TRAIN_STAGES:  # a subparser each, so overrides may follow --config
+        st = stages.add_parser(stage, help=f"train the {stage} stage (each needs the ones before it)")
+        st.add_argument("--config", required=True, help="job YAML")
+        st.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. train.{stage}.max_steps=10")
+        st.add_argument("--force", action="store_true", help="re-run even if up to date")
 
     i = sub.add_parser("inspect", help="summarise any hetray output (run dir, folder, parquet file)")
     i.add_argument("path")
@@ -81,6 +92,15 @@ def _stage(name: str, cfg, force: bool) -> None:
         )
 
 
+def _train(stage: str, cfg, force: bool) -> None:
+    import importlib
+
+    module = importlib.import_module(f"hetray.train.{stage}")
+    m = getattr(module, f"run_{stage}")(cfg, force=force)
+    extra = "".join(f", {k} {v:.3f}" for k, v in m.get("final", {}).items() if isinstance(v, float))
+    print(f"train {stage}: {m['global_step']} steps{extra} -> {cfg.run_dir}/{stage} (merged/, adapter/, metrics.json, loss.png)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(
@@ -101,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, "fraction", None) is not None:
                 overrides.append(f"select.fraction={args.fraction}")
             _stage(args.command, load_config(args.config, overrides), args.force)
+        elif args.command == "train":
+            _train(args.stage, load_config(args.config, args.overrides), args.force)
         elif args.command == "run":
             cfg = load_config(args.config, args.overrides)
             _convert(cfg, args.force)

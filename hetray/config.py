@@ -20,6 +20,7 @@ from pydantic import Field, ValidationError
 
 from hetray.sources import ADAPTERS
 from hetray.sources.base import Strict
+from hetray.train.config import TrainConfig
 
 SourceConfig = Annotated[
     Union[tuple(settings for _, settings in ADAPTERS.values())],
@@ -94,6 +95,7 @@ class JobConfig(Strict):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:

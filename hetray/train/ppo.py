@@ -1,0 +1,167 @@
+"""Stage 5c, PPO: RLHF from the SFT model against the reward model (paper 2.6, A.3).
+
+``run_ppo(cfg)`` samples completions (``min_new_tokens``..``max_new_tokens``, paper 32-128) for
+the prompts of the pairs, scores them with the reward stage's merged model, and trains LoRA on
+the policy with TRL's PPOTrainer (``trl.experimental.ppo``, the last release that has it). The
+value model starts as a copy of the reward model; the reference policy is the SFT model, i.e.
+the policy with its adapter switched off (``ref_model=None`` with PEFT). The history has the
+PPO reward (``objective/scores``) and KL (``objective/kl``) per update.
+
+TRL's PPOTrainer ties the rollout to the batch: each update generates
+``per_device_batch_size x gradient_accumulation_steps x workers`` completions. Its ``train()``
+takes no checkpoint, so resuming after a failure is done here: the policy, value model,
+optimizer and scheduler come back from the last checkpoint and only the remaining updates run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hetray.train import common
+
+VALUE_FILE = "value_model.safetensors"
+
+
+def run_ppo(cfg, force: bool = False) -> dict:
+    """Train (or skip, when up to date) the PPO policy. Returns its manifest."""
+    run_dir = Path(cfg.run_dir).resolve()
+    sft, reward = run_dir / "sft", run_dir / "reward"
+    plan = common.plan_stage(
+        cfg, "ppo", cfg.train.ppo, model=str(sft / common.STAGE_MODEL_DIR), head=common.CAUSAL,
+        upstream=[sft, reward], extra={"reward_model": str(reward / common.STAGE_MODEL_DIR)},
+    )
+    return common.run_stage(cfg, *plan, build_trainer=build_trainer, train=train, save=save_policy, force=force)
+
+
+def build_trainer(job: common.StageJob):
+    """In each Ray Train worker: TRL's PPOTrainer with policy, reference (adapter off), reward, value."""
+    import torch.distributed as dist
+    from datasets import Dataset
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    s = job.settings
+    tokenizer = common.load_tokenizer(job.model)
+    tokenizer.padding_side = "left"  # prompts are left-padded so generation continues them
+    rows = common.short_prompts(common.prompt_rows(job.data_dir, common.uses_chat(tokenizer)), tokenizer, s.max_length)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    args = PPOConfig(
+        **common.training_args(job),
+        total_episodes=s.max_steps * s.per_device_batch_size * s.gradient_accumulation_steps * world,
+        response_length=s.max_new_tokens,
+        stop_token="eos",
+        num_ppo_epochs=s.num_ppo_epochs,
+        num_mini_batches=s.num_mini_batches,
+        kl_coef=s.kl_coef,
+        temperature=s.temperature,
+        num_sample_generations=0,
+    )
+    policy = common.load_model(job.model, common.CAUSAL)
+    policy.generation_config.min_new_tokens = s.min_new_tokens  # merged into PPO's generation config
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=None,
+        reward_model=common.load_model(job.extra["reward_model"], common.SEQ_CLS),
+        value_model=common.load_model(job.extra["reward_model"], common.SEQ_CLS),
+        train_dataset=Dataset.from_list([_tokenize(r["prompt"], tokenizer) for r in rows]),
+        peft_config=common.lora_config(s.lora, common.CAUSAL),
+    )
+    _expose_parts(trainer)
+    # PPOTrainer skips Trainer.__init__, and transformers 5 reads this in save_model on
+    # every rank but the main one.
+    trainer.is_distributed_loading_by_transformers = False
+    trainer.add_callback(_SaveValueModel())
+    return trainer
+
+
+def _expose_parts(trainer) -> None:
+    """TRL's PPO reads ``model.policy`` (and ``.config``) on the wrapped model, which DDP does
+    not forward (huggingface/trl#2375, still open in 1.12): let the DDP wrapper forward them."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    class ForwardingDDP(DDP):
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.module, name)
+
+    if type(trainer.model) is DDP:
+        trainer.model.__class__ = ForwardingDDP
+
+
+def _tokenize(prompt, tokenizer) -> dict:
+    if isinstance(prompt, list):
+        return {"input_ids": tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)["input_ids"]}
+    return {"input_ids": tokenizer(prompt)["input_ids"]}
+
+
+def _unwrapped(trainer):
+    return trainer.accelerator.unwrap_model(trainer.model)
+
+
+def save_policy(trainer, folder: str) -> None:
+    """The policy's LoRA adapter (the trainer's model also holds the value model)."""
+    if trainer.accelerator.is_main_process:
+        _unwrapped(trainer).policy.save_pretrained(folder)
+
+
+def train(trainer, checkpoint_dir: str | None) -> None:
+    """PPO's train(), resumed by hand: restore weights, optimizer, scheduler and history from
+    the checkpoint, run only the remaining updates, and keep counting steps from there."""
+    if checkpoint_dir is None:
+        trainer.train()
+        return
+    import torch
+    from safetensors.torch import load_file
+
+    ckpt = Path(checkpoint_dir)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    done = state["global_step"]
+    from peft import set_peft_model_state_dict
+
+    parts = _unwrapped(trainer)
+    set_peft_model_state_dict(parts.policy, load_file(ckpt / "adapter_model.safetensors"))
+    parts.value_model.load_state_dict(load_file(ckpt / VALUE_FILE))
+    trainer.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
+    trainer.lr_scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+    total = trainer.args.num_total_batches
+    trainer.args.num_total_batches = max(0, total - done)  # the loop runs only the rest
+    trainer.add_callback(_Resume(done, total, state.get("log_history", [])))
+    trainer.train()
+
+
+class _SaveValueModel:
+    """PPO checkpoints hold only the policy's adapter; add the value model, for resuming."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class SaveValueModel(TrainerCallback):
+            def on_save(self, args, state, control, model=None, **kwargs):
+                from safetensors.torch import save_file
+
+                if state.is_world_process_zero:
+                    value = model.value_model  # the callback gets the unwrapped PolicyAndValueWrapper
+                    folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                    save_file({k: v.contiguous() for k, v in value.state_dict().items()}, folder / VALUE_FILE)
+
+        return SaveValueModel()
+
+
+class _Resume:
+    """PPO's train() starts its state at step 0; this puts it back where the checkpoint was,
+    so logs, checkpoints and reports go on counting from there."""
+
+    def __new__(cls, step: int, max_steps: int, history: list):
+        from transformers import TrainerCallback
+
+        class Resume(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                state.global_step, state.max_steps = step, max_steps
+                state.episode = step * args.batch_size
+                state.log_history = list(history)
+
+        return Resume()
