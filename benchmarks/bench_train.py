@@ -16,6 +16,7 @@ barrier, DDP and callbacks included, process start and model load not), and end 
 (tokens / wall time of the whole call: hetray's includes starting the Ray Train workers,
 imports, model load, merging and writing the outputs). The ratio hetray / in-process of the
 first is what Ray costs per step (aim: >= 0.9). Tokens are TRL's ``num_tokens`` (all workers).
+Ray's workers run at niceness 0 here (Ray's default is 15), like the baseline process.
 
 Results: benchmarks/results/bench_train.{json,md}.
 """
@@ -36,6 +37,9 @@ from common import write_results  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Ray starts its workers at niceness 15: on a shared machine they would then lose the CPU to
+# everything else while the in-process baseline does not. Same priority for both sides.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 WORDS = (
     "the a of to in for on with by from about as is was are be can would should will please "
