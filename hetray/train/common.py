@@ -1,15 +1,16 @@
 """What every training stage shares: data as TRL wants it, LoRA, checks, and Ray Train.
 
-A stage module (``sft.py``, ``reward.py``, ...) plans its run with ``plan_stage`` and hands
+A stage module (``sft.py``, ``reward.py``, ...) plans its run with ``plan_stage`` (which
+already fails on missing data, a missing upstream stage or an unknown model) and hands
 ``run_stage`` a ``build_trainer(job)`` function. ``run_stage`` then, on the driver:
 
-1. checks every setting before anything starts (``validate``): model, LoRA target modules,
-   DeepSpeed file, data, and that the Ray cluster has the CPUs / GPUs asked for;
-2. skips the stage when its manifest matches (same config, same inputs);
+1. skips the stage when its manifest matches (same config, same inputs);
+2. checks the rest before anything starts (``validate``): LoRA target modules, the DeepSpeed
+   file, and that the Ray cluster has the CPUs / GPUs asked for;
 3. runs a ``TorchTrainer`` (gloo on CPU, NCCL on GPU). Each worker builds the TRL trainer,
    adds ``RayReport`` (metrics -> ``ray.train.report`` on every log, the HF checkpoint -> a Ray
    ``Checkpoint`` on every save) and, when Ray restarted it after a failure, resumes the HF
-   trainer from the last reported checkpoint: optimizer, scheduler, step and log history;
+   trainer from the last reported checkpoint: weights, optimizer, scheduler, step and logs;
 4. rank 0 writes ``adapter/`` (LoRA), ``merged/`` (base + adapter, with the tokenizer: what the
    next stage loads) and ``metrics.json`` into a work folder; the driver adds ``loss.png`` and
    ``manifest.json`` and moves it to ``<run_dir>/<stage>/``.
@@ -33,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hetray import manifest as mf
-from hetray.schema import make_id
+from hetray.schema import make_id, prompt_id
 from hetray.summary import parquet_files
 
 log = logging.getLogger(__name__)
@@ -106,10 +107,10 @@ def sft_rows(data_dir, sft_only_dir=None, chat: bool = True) -> list[dict]:
 
 
 def pair_rows(data_dir, chat: bool = True) -> list[dict]:
-    """prompt / chosen / rejected, with ``pair_id`` kept for the held-out split."""
-    pairs = read_table(data_dir, ["pair_id", "prompt", "chosen", "rejected"]).to_pylist()
+    """prompt / chosen / rejected, with ``prompt_id`` (hash of the prompt) for held-out splits."""
+    pairs = read_table(data_dir, ["prompt", "chosen", "rejected"]).to_pylist()
     return [
-        {"pair_id": p["pair_id"], "prompt": _user(p["prompt"], chat),
+        {"prompt_id": prompt_id(p["prompt"]), "prompt": _user(p["prompt"], chat),
          "chosen": _assistant(p["chosen"], chat), "rejected": _assistant(p["rejected"], chat)}
         for p in pairs
     ]
@@ -134,9 +135,9 @@ def short_prompts(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
     return kept
 
 
-def held_out(pair_id: str, fraction: float, seed: int) -> bool:
-    """Deterministic split by a seeded hash of the pair id: same on every worker and run."""
-    return int(make_id(pair_id, str(seed)), 16) / 16**16 < fraction
+def held_out(key: str, fraction: float, seed: int) -> bool:
+    """Deterministic split by a seeded hash (of a prompt id): same on every worker and run."""
+    return int(make_id(key, str(seed)), 16) / 16**16 < fraction
 
 
 def uses_chat(tokenizer, wanted: bool = True) -> bool:

@@ -34,7 +34,7 @@ def build_trainer(job: common.StageJob):
     tokenizer = common.load_tokenizer(job.model)
     rows = common.pair_rows(job.data_dir, common.uses_chat(tokenizer))
     for r in rows:
-        del r["pair_id"]
+        del r["prompt_id"]
     args = DPOConfig(**common.training_args(job), max_length=s.max_length, beta=s.beta)
     return DPOTrainer(
         model=common.load_model(job.model, common.CAUSAL),

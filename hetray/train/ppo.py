@@ -115,13 +115,12 @@ def train(trainer, checkpoint_dir: str | None) -> None:
         trainer.train()
         return
     import torch
+    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     ckpt = Path(checkpoint_dir)
     state = json.loads((ckpt / "trainer_state.json").read_text())
     done = state["global_step"]
-    from peft import set_peft_model_state_dict
-
     parts = _unwrapped(trainer)
     set_peft_model_state_dict(parts.policy, load_file(ckpt / "adapter_model.safetensors"))
     parts.value_model.load_state_dict(load_file(ckpt / VALUE_FILE))

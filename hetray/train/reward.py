@@ -3,7 +3,7 @@
 ``run_reward(cfg)`` starts from the SFT model (``train.reward.init: sft``; ``base`` for the
 bare LLM) with a fresh score head, trains LoRA (and the head) with TRL's RewardTrainer on
 ``(prompt, chosen, rejected)``: the loss is -log sigmoid(r(chosen) - r(rejected)). A seeded
-``eval_fraction`` of the pairs is held out; the pairwise accuracy on it (how often the chosen
+``eval_fraction`` of the prompts (with all their pairs) is held out; the pairwise accuracy on it (how often the chosen
 answer scores higher) is in ``metrics.json`` and the manifest (``final.eval_accuracy``): the
 cheap objective Ray Tune searches selection settings against.
 """
@@ -28,11 +28,12 @@ def run_reward(cfg, force: bool = False) -> dict:
 
 
 def split_pairs(job: common.StageJob) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) pair rows, split by a seeded hash of the pair id."""
+    """(train, held-out) pair rows, split by a seeded hash of the prompt: every pair of a
+    held-out prompt is held out, so the accuracy is measured on prompts never trained on."""
     tokenizer = common.load_tokenizer(job.model)
     rows = common.pair_rows(job.data_dir, common.uses_chat(tokenizer))
     fraction = job.settings.eval_fraction
-    held = [common.held_out(r.pop("pair_id"), fraction, job.seed) for r in rows]
+    held = [common.held_out(r.pop("prompt_id"), fraction, job.seed) for r in rows]
     train = [r for r, h in zip(rows, held) if not h]
     test = [r for r, h in zip(rows, held) if h]
     if not train:

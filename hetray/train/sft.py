@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hetray.summary import parquet_files
 from hetray.train import common
 
 
@@ -23,7 +24,7 @@ def plan(cfg) -> tuple:
     """(job, key, config, inputs): what run_sft would run, and the key it is skipped by."""
     s = cfg.train.sft
     sft_only = Path(cfg.run_dir).resolve() / "sft_only"
-    use_sft_only = s.include_sft_only and bool(common.parquet_files(sft_only))
+    use_sft_only = s.include_sft_only and bool(parquet_files(sft_only))
     return common.plan_stage(
         cfg, "sft", s, model=common.resolve_base(cfg.train.model), head=common.CAUSAL,
         extra={"sft_only": str(sft_only) if use_sft_only else None},
