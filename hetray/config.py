@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError
 
+from hetray.eval.config import EvalConfig
 from hetray.sources import ADAPTERS
 from hetray.sources.base import Strict
 from hetray.train.config import TrainConfig
@@ -84,6 +85,69 @@ class SelectConfig(Strict):
         default=None, gt=0, le=1, description="drop near-duplicate prompts in a cluster above this cosine"
     )
     examples_per_cluster: int = Field(default=3, ge=0, description="example prompts in the report")
+    sources: list[str] | None = Field(
+        default=None, min_length=1, description="keep pairs of these sources only (None: all)"
+    )
+
+
+STAGES = ("convert", "embed", "cluster", "select", "sft", "reward", "ppo", "rloo", "dpo", "eval", "report")
+TRAIN_STAGES = ("sft", "reward", "ppo", "rloo", "dpo")
+Stage = Literal["convert", "embed", "cluster", "select", "sft", "reward", "ppo", "rloo", "dpo", "eval", "report"]
+TrainStage = Literal["sft", "reward", "ppo", "rloo", "dpo"]
+
+
+class RunSpec(Strict):
+    """One run of a grid: a selection setting and the models trained on it (paper Table 1)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$", description="folder name under run_dir/runs/")
+    sources: list[str] | None = Field(
+        default=None, min_length=1, description="train on these sources only (None: all), e.g. [winogrande]"
+    )
+    fraction: float | None = Field(default=None, gt=0, le=1, description="select.fraction for this run")
+    n_clusters: int | None = Field(default=None, ge=1, description="cluster.n_clusters for this run")
+    train: list[TrainStage] | None = Field(
+        default=None, description="training stages, in order (None: the pipeline's; []: the base model)"
+    )
+
+
+class PipelineConfig(Strict):
+    stages: list[Stage] = Field(
+        default_factory=lambda: ["convert", "embed", "cluster", "select", "sft", "reward", "ppo", "eval", "report"],
+        min_length=1,
+        description="what `hetray run` runs, in this order; ppo may be swapped for rloo or dpo",
+    )
+    runs: list[RunSpec] = Field(
+        default_factory=list,
+        description="a grid of runs sharing convert/embed (and cluster when k matches); "
+        "empty: one run in run_dir",
+    )
+    sync_to: str | None = Field(
+        default=None,
+        description="copy run_dir here after every stage (s3://bucket/prefix, gs://..., or a path)",
+    )
+
+
+class TuneConfig(Strict):
+    n_clusters: list[int] = Field(default_factory=lambda: [5, 10, 20], min_length=1, description="k values searched")
+    fraction: list[float] = Field(
+        default_factory=lambda: [0.2, 0.4, 0.6, 1.0], min_length=1, description="fractions searched"
+    )
+    labels: list[str] | None = Field(
+        default=None, description="option: quality labels searched for the `label_source` source"
+    )
+    directions: list[Literal["higher", "lower", "auto"]] | None = Field(
+        default=None, description="option: label directions searched"
+    )
+    label_source: str | None = Field(default=None, description="the source whose label is searched")
+    search: Literal["grid", "random"] = Field(default="grid", description="grid: every combination")
+    num_samples: int = Field(default=1, ge=1, description="grid: repeats; random: trials")
+    metric: str = Field(default="reward_accuracy", description="objective: reward_accuracy or an eval metric")
+    mode: Literal["max", "min"] = Field(default="max")
+    scheduler: Literal["asha", "fifo"] = Field(default="asha", description="asha: stop poor trials early")
+    max_concurrent_trials: int | None = Field(
+        default=None, ge=1, description="None: as many as the cluster's resources allow"
+    )
+    train_steps: int = Field(default=8, ge=1, description="reward-model steps per trial (short)")
 
 
 class JobConfig(Strict):
@@ -96,6 +160,9 @@ class JobConfig(Strict):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
