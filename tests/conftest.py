@@ -33,3 +33,26 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """A random 2-layer Llama (3M parameters) with the SmolLM2 tokenizer and chat template:
+    training and evaluation plumbing in seconds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hetray.models import resolve_llm
+    from hetray.train import common
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = common.load_tokenizer(resolve_llm())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
