@@ -1,0 +1,239 @@
+"""A causal LM for scoring and greedy generation: batched, padded, deterministic.
+
+Every suite goes through :class:`Scorer`; it hides padding, batching and devices.
+
+* Prompts are raw text. A prompt is tokenised with the tokenizer's special tokens (a BOS for
+  models that use one), unless it already starts with the BOS text (a chat-template output).
+  ``generate(..., chat=True)`` wraps each prompt as one user message in the tokenizer's chat
+  template first (``add_generation_prompt=True``).
+* Batches are left-padded with explicit ``position_ids`` (cumulative attention mask), so a padded
+  row gets the same positions, and up to float rounding the same numbers, as the prompt alone.
+  Inside a call, prompts are sorted by token length (longest first) so that a batch holds
+  similar lengths, and results come back in input order.
+* Continuation rule (``continuation_logprobs`` / ``score``): ``prompt + continuation`` is
+  tokenised as ONE string, and the continuation's tokens are every token from the first one
+  whose character span ends after ``len(prompt)``. So a token that straddles the boundary
+  (a trailing space of the prompt merged into ``" the"``) belongs to the continuation, and its
+  context is the tokens before it: ``'... refers to: ' + 'the developer'`` scores ``" the"``,
+  ``" developer"`` after ``'... refers to:'``. Tokenizers without offsets (slow ones) split at
+  ``len(tokenize(prompt))`` instead.
+* fp32 on CPU; bf16 on CUDA when the GPU supports it (else fp32). ``torch.inference_mode``.
+  Generation is greedy (``do_sample=False``), so runs repeat exactly on one machine.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class Scorer:
+    """A causal LM for scoring and greedy generation; batched, padded, deterministic."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 16, device: str = "cpu"):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.batch_size = batch_size
+        self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+        if self.device.type == "cpu":
+            _set_cpu_threads()
+
+    @classmethod
+    def load(cls, name_or_path: str, batch_size: int = 16, device: str = "auto") -> "Scorer":
+        """A bundled alias, a local checkpoint, a LoRA adapter folder (merged onto its base), or a
+        hub id. Raises ModelNotFoundError / ValueError naming the model when it cannot load."""
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+        model, tokenizer = _load(name_or_path)
+        return cls(model.to(dtype), tokenizer, batch_size=batch_size, device=device)
+
+    # ------------------------------------------------------------------ scoring
+
+    def next_token_logprobs(self, prompts: list[str]) -> torch.Tensor:
+        """[n, vocab] float32 (cpu) log-softmax of the next token after each prompt's last token."""
+        seqs = [self._encode(p) for p in prompts]
+        if any(len(s) == 0 for s in seqs):
+            raise ValueError("an empty prompt has no next-token distribution")
+        out = torch.empty(len(prompts), self._vocab_size(), dtype=torch.float32)
+        for idx in self._batches(seqs):
+            logp = self._logprobs([seqs[i] for i in idx], keep=1)
+            out[idx] = logp[:, -1]
+        return out
+
+    def continuation_logprobs(self, prompts: list[str], continuations: list[str]) -> list[list[float]]:
+        """Per-token log-probs of each continuation given its prompt (see the module's rule)."""
+        return self.score(prompts, continuations, next_token=False)[0]
+
+    def score(self, prompts: list[str], continuations: list[str], next_token: bool = True):
+        """``(continuation_logprobs, next)`` in one forward pass per batch. ``next`` is the [n, vocab]
+        log-softmax at the position that predicts the continuation's first token (the context
+        of the module's rule), or None when ``next_token`` is False."""
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+        split = [self._split(p, c) for p, c in zip(prompts, continuations)]
+        seqs = [ids for ids, _ in split]
+        scored: list[list[float]] = [[] for _ in prompts]
+        nxt = torch.empty(len(prompts), self._vocab_size(), dtype=torch.float32) if next_token else None
+        for idx in self._batches(seqs):
+            n_cont = [len(seqs[i]) - split[i][1] for i in idx]
+            keep = max(n_cont) + 1
+            logp = self._logprobs([seqs[i] for i in idx], keep=keep)  # last `keep` positions
+            for row, (i, c) in enumerate(zip(idx, n_cont)):
+                # position keep-1-c predicts the first continuation token; keep-1 predicts nothing
+                first = keep - 1 - c
+                targets = torch.tensor(seqs[i][len(seqs[i]) - c:], dtype=torch.long)
+                scored[i] = logp[row, first:first + c].gather(1, targets[:, None])[:, 0].tolist()
+                if nxt is not None:
+                    nxt[i] = logp[row, first]
+        return scored, nxt
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompts: list[str], max_new_tokens: int, stop_strings: list[str] | None = None,
+                 chat: bool = False) -> list[str]:
+        """Greedy continuations (new text only, special tokens dropped), cut before the first stop
+        string when given. ``chat=True``: each prompt is a user message for the chat template."""
+        from transformers import StoppingCriteriaList
+
+        texts = [self._chat(p) for p in prompts] if chat else list(prompts)
+        seqs = [self._encode(t) for t in texts]
+        if any(len(s) == 0 for s in seqs):
+            raise ValueError("cannot generate from an empty prompt")
+        out = [""] * len(prompts)
+        for idx in self._batches(seqs):
+            ids, mask = self._pad([seqs[i] for i in idx])
+            stops = StoppingCriteriaList([_StopStrings(self.tokenizer, ids.shape[1], stop_strings)]) if stop_strings else None
+            with torch.inference_mode():
+                gen = self.model.generate(
+                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                    max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                    temperature=None, top_p=None, top_k=None,
+                    pad_token_id=self.tokenizer.pad_token_id, stopping_criteria=stops,
+                )
+            new = self.tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
+            for i, text in zip(idx, new):
+                out[i] = cut_at_stop(text, stop_strings) if stop_strings else text
+        return out
+
+    # ------------------------------------------------------------------ internals
+
+    def _encode(self, text: str) -> list[int]:
+        bos = self.tokenizer.bos_token
+        special = not (bos and text.startswith(bos))
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def _chat(self, prompt: str) -> str:
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
+    def _split(self, prompt: str, continuation: str) -> tuple[list[int], int]:
+        """Token ids of ``prompt + continuation`` and the index of the continuation's first token."""
+        text = prompt + continuation
+        bos = self.tokenizer.bos_token
+        special = not (bos and text.startswith(bos))
+        if not getattr(self.tokenizer, "is_fast", True):  # no offsets: split by the prompt's own ids
+            ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
+            start = len(self._encode(prompt))
+        else:
+            enc = self.tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+            ids = enc["input_ids"]
+            ends = [end if end > start_ else -1 for start_, end in enc["offset_mapping"]]  # specials: -1
+            start = next((k for k, end in enumerate(ends) if end > len(prompt)), len(ids))
+        if start == 0:
+            raise ValueError(f"prompt {prompt!r} leaves no token before the continuation {continuation!r}")
+        return ids, start
+
+    def _batches(self, seqs: list[list[int]]):
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # stable: ties keep input order
+        for k in range(0, len(order), self.batch_size):
+            yield order[k:k + self.batch_size]
+
+    def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, s in enumerate(seqs):
+            ids[row, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[row, width - len(s):] = 1
+        return ids, mask
+
+    def _logprobs(self, seqs: list[list[int]], keep: int) -> torch.Tensor:
+        """[b, keep, vocab] float32 cpu log-softmax at the last ``keep`` positions (left padded)."""
+        ids, mask = self._pad(seqs)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        kwargs = {"logits_to_keep": keep} if self._keep_arg else {}
+        with torch.inference_mode():
+            logits = self.model(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device), use_cache=False, **kwargs,
+            ).logits[:, -keep:]
+            return logits.float().log_softmax(-1).cpu()
+
+    def _vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+
+def cut_at_stop(text: str, stop_strings: list[str]) -> str:
+    """``text`` up to (not including) the earliest occurrence of any stop string."""
+    cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+class _StopStrings:
+    """Stops a row once its new text holds a stop string (the text is cut afterwards)."""
+
+    def __init__(self, tokenizer, prompt_width: int, stop_strings: list[str]):
+        self.tokenizer, self.start, self.stops = tokenizer, prompt_width, [s for s in stop_strings if s]
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
+
+
+def _set_cpu_threads() -> None:
+    """One torch thread per core this process may use (not per core of the machine)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    if torch.get_num_threads() > cores:
+        torch.set_num_threads(cores)
+
+
+def _load(name_or_path: str):
+    """(model, tokenizer): a LoRA adapter folder is merged onto its base; else hetray.models."""
+    from hetray.models import ModelNotFoundError, load_causal_lm
+
+    adapter = Path(name_or_path) / "adapter_config.json"
+    try:
+        if not adapter.is_file():
+            return load_causal_lm(name_or_path)
+        from peft import PeftModel
+        from transformers import AutoTokenizer
+
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{adapter}: no base_model_name_or_path, so the adapter's base model is unknown")
+        log.info("merging LoRA adapter %s onto its base %s", name_or_path, base)
+        model, tokenizer = load_causal_lm(base)
+        model = PeftModel.from_pretrained(model, name_or_path).merge_and_unload()
+        if any((Path(name_or_path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)  # the adapter's own (e.g. new pad)
+        return model, tokenizer
+    except ModelNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load model {name_or_path!r} as a causal LM: {e}") from e
