@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from hetray.config import ConfigError, load_config
 from hetray.sources.readers import InputError
@@ -55,10 +56,10 @@ def make_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="summarise any hetray output (run dir, folder, parquet file)")
     i.add_argument("path")
 
-    r = sub.add_parser("run", help="run every stage of a job, in order")
-    r.add_argument("config", help="job YAML")
-    r.add_argument("overrides", nargs="*")
-    r.add_argument("--force", action="store_true")
+    r = sub.add_parser("run", help="every stage of a job (pipeline.stages), in order; done stages are skipped")
+    r.add_argument("config", help="job YAML, e.g. jobs/quickstart.yaml")
+    r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. 'pipeline.stages=[convert,select]'")
+    r.add_argument("--force", action="store_true", help="re-run every stage even if up to date")
     return p
 
 
@@ -124,10 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train":
             _train(args.stage, load_config(args.config, args.overrides), args.force)
         elif args.command == "run":
+            from hetray.pipeline import format_summary, run_pipeline
+
             cfg = load_config(args.config, args.overrides)
-            _convert(cfg, args.force)
-            _stage("select", cfg, args.force)
-            print(f"\nsummary of the run: hetray inspect {cfg.run_dir}")
+            summary = run_pipeline(cfg, args.force)
+            print("\n" + format_summary(summary))
+            report = Path(cfg.run_dir) / "report.md"
+            print(f"\nreport: {summary['eval_report'] or (report if report.exists() else cfg.run_dir)}")
     except (ConfigError, InputError, FileNotFoundError, ValueError) as e:
         print(f"hetray: error: {e}", file=sys.stderr)
         return 2

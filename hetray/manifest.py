@@ -26,15 +26,16 @@ def fingerprint_files(files: list[str]) -> list[dict]:
     out = []
     for f in files:
         st = os.stat(f)
-        out.append({"path": os.path.abspath(f), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+        out.append({"path": os.path.realpath(f), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     return out
 
 
 def fingerprint_dir(path: str | os.PathLike) -> list[dict]:
-    """Fingerprint of a stage output folder: its manifest key, else its files."""
+    """Fingerprint of a stage output folder: its manifest key, else its files. Paths are
+    resolved, so a run that links a shared stage folder sees the same fingerprint as its owner."""
     m = read_manifest(path)
     if m is not None:
-        return [{"path": os.path.abspath(path), "key": m["key"]}]
+        return [{"path": os.path.realpath(path), "key": m["key"]}]
     files = sorted(str(p) for p in Path(path).rglob("*") if p.is_file())
     return fingerprint_files(files)
 

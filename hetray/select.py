@@ -119,6 +119,16 @@ def run_select(cfg: JobConfig, force: bool = False, out_name: str = "selected") 
     joined = narrow.join(assign.select(["prompt_id", "cluster"]), keys="prompt_id", join_type="inner").to_pandas()
     if len(joined) != n_pairs:
         raise RuntimeError(f"{n_pairs - len(joined)} pairs have no cluster assignment: re-run `hetray cluster`")
+    if s.sources is not None:  # e.g. a WinoGrande-only baseline over the shared clusters
+        present = set(joined["source"].unique())
+        unknown = sorted(set(s.sources) - present)
+        if unknown:
+            raise ValueError(
+                f"select.sources: {', '.join(unknown)} not in {run_dir / 'preferences'} "
+                f"(sources there: {', '.join(sorted(present))})"
+            )
+        joined = joined[joined["source"].isin(s.sources)].reset_index(drop=True)
+        n_pairs = len(joined)
     dropped_dup = 0
     if s.dedup_threshold is not None:
         joined = _dedup(joined, run_dir, s)
