@@ -1,0 +1,118 @@
+"""Instruction following on plain chat prompts (paper 4.2, appendix A.5).
+
+Each prompt of ``EvalConfig.chat.prompts`` is put through the model's chat template (when its
+tokenizer has one) and answered greedily. The answers of every compared model are written side
+by side (``chat.md``, ``chat.jsonl``) for a person to read, with four automatic signals per
+answer, aggregated as rates:
+
+* ``non_empty``: the answer has some non-blank text;
+* ``repeats_prompt``: the answer only echoes the prompt (the prompt is in it, or it is a piece
+  of the prompt), after lower-casing and dropping punctuation;
+* ``stops``: generation ended by itself (EOS) before ``max_new_tokens``;
+* ``repeated_ngram_rate``: share of word 4-grams that already occurred earlier in the answer
+  (rep-n of Welleck et al., 2019): degenerate loops score near 1.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+NGRAM = 4
+_WORD = re.compile(r"\w+")
+
+
+def _norm(text: str) -> str:
+    return " ".join(_WORD.findall(text.lower()))
+
+
+def repeats_prompt(prompt: str, response: str) -> bool:
+    p, r = _norm(prompt), _norm(response)
+    return bool(r) and (p in r or r in p)
+
+
+def repeated_ngram_rate(text: str, n: int = NGRAM) -> float:
+    words = _WORD.findall(text.lower())
+    grams = [tuple(words[i: i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def signals(prompt: str, response: str, new_tokens: int, max_new_tokens: int) -> dict:
+    """The automatic signals of one answer (``new_tokens``: generated tokens, EOS excluded)."""
+    return {
+        "non_empty": bool(response.strip()),
+        "repeats_prompt": repeats_prompt(prompt, response),
+        "stops": new_tokens < max_new_tokens,
+        "repeated_ngram_rate": repeated_ngram_rate(response),
+    }
+
+
+def score_items(scorer, prompts: list[str], max_new_tokens: int) -> list[dict]:
+    tok = scorer.tokenizer
+    # The prompt as the model was tuned to see it: one user turn of its chat template, if any.
+    chat = bool(getattr(tok, "chat_template", None))
+    responses = scorer.generate(list(prompts), max_new_tokens, chat=chat)
+    records = []
+    for prompt, response in zip(prompts, responses):
+        # The scorer returns text only: a reply that used up max_new_tokens re-tokenizes to
+        # max_new_tokens tokens; one that stopped at EOS to fewer (EOS is not in the text).
+        n = len(tok(response, add_special_tokens=False)["input_ids"])
+        records.append({"prompt": prompt, "response": response, "new_tokens": n,
+                        **signals(prompt, response, n, max_new_tokens)})
+    return records
+
+
+def aggregate(records: list[dict]) -> dict:
+    n = len(records)
+    if not n:
+        return {"responses": 0}
+
+    def mean(key):
+        return sum(float(r[key]) for r in records) / n
+
+    return {
+        "responses": n,
+        "non_empty_rate": mean("non_empty"),
+        "prompt_repeat_rate": mean("repeats_prompt"),
+        "stop_rate": mean("stops"),
+        "repeated_ngram_rate": mean("repeated_ngram_rate"),
+        "mean_new_tokens": mean("new_tokens"),
+    }
+
+
+def evaluate_chat(scorer, settings) -> dict:
+    """``settings``: ``EvalConfig.chat``. Returns ``{"overall", "records"}``."""
+    records = score_items(scorer, list(settings.prompts), settings.max_new_tokens)
+    return {"overall": aggregate(records), "records": records}
+
+
+def write_side_by_side(records_by_model: dict[str, list[dict]], out_dir) -> dict:
+    """``chat.jsonl`` (one line per model and prompt) and ``chat.md`` (each prompt, then every
+    model's answer). Returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "chat.jsonl", "w") as f:
+        for model, records in records_by_model.items():
+            for r in records:
+                f.write(json.dumps({"model": model, **r}, ensure_ascii=False) + "\n")
+    lines = ["# Instruction following: answers side by side", "",
+             "| model | non-empty | repeats prompt | stops | repeated 4-grams | mean new tokens |",
+             "|---|---|---|---|---|---|"]
+    for model, records in records_by_model.items():
+        a = aggregate(records)
+        lines.append(f"| {model} | {a['non_empty_rate']:.2f} | {a['prompt_repeat_rate']:.2f} | "
+                     f"{a['stop_rate']:.2f} | {a['repeated_ngram_rate']:.3f} | {a['mean_new_tokens']:.1f} |")
+    prompts = list(dict.fromkeys(r["prompt"] for recs in records_by_model.values() for r in recs))
+    for i, prompt in enumerate(prompts, 1):
+        lines += ["", f"## {i}. {prompt}", ""]
+        for model, records in records_by_model.items():
+            for r in (r for r in records if r["prompt"] == prompt):
+                flags = [f"{r['new_tokens']} tokens", "stops" if r["stops"] else "cut at max_new_tokens"]
+                flags += ["EMPTY"] * (not r["non_empty"]) + ["repeats the prompt"] * r["repeats_prompt"]
+                flags.append(f"repeated 4-grams {r['repeated_ngram_rate']:.2f}")
+                lines += [f"**{model}** ({', '.join(flags)})", ""]
+                lines += [f"> {line}" if line.strip() else ">" for line in (r["response"] or "(empty)").splitlines()]
+                lines.append("")
+    (out / "chat.md").write_text("\n".join(lines) + "\n")
+    return {"chat_markdown": str(out / "chat.md"), "chat_jsonl": str(out / "chat.jsonl")}
