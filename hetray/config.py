@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from hetray.eval.config import EvalConfig
 from hetray.sources import ADAPTERS
@@ -128,8 +128,12 @@ class PipelineConfig(Strict):
 
 
 class TuneConfig(Strict):
-    n_clusters: list[int] = Field(default_factory=lambda: [5, 10, 20], min_length=1, description="k values searched")
-    fraction: list[float] = Field(
+    """`hetray tune`: a Ray Tune search over selection settings (docs/tune.md)."""
+
+    n_clusters: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [5, 10, 20], min_length=1, description="k values searched"
+    )
+    fraction: list[Annotated[float, Field(gt=0, le=1)]] = Field(
         default_factory=lambda: [0.2, 0.4, 0.6, 1.0], min_length=1, description="fractions searched"
     )
     labels: list[str] | None = Field(
@@ -148,6 +152,27 @@ class TuneConfig(Strict):
         default=None, ge=1, description="None: as many as the cluster's resources allow"
     )
     train_steps: int = Field(default=8, ge=1, description="reward-model steps per trial (short)")
+    sft_steps: int = Field(default=8, ge=1, description="SFT steps per trial (short)")
+    rounds: int = Field(
+        default=2, ge=1,
+        description="reward budgets per trial: round r trains train_steps*r/rounds steps and reports (an ASHA rung)",
+    )
+    eval_pairs: int = Field(
+        default=256, ge=1, description="the common held-out sample every trial's reward model is scored on"
+    )
+    trial_cpus: float = Field(
+        default=0.05, gt=0, le=1, description="CPUs a trial's own process holds (training workers ask for theirs)"
+    )
+
+    @model_validator(mode="after")
+    def _label_search_names_its_source(self):
+        if (self.labels or self.directions) and not self.label_source:
+            raise ValueError("tune.labels / tune.directions need tune.label_source (the source they apply to)")
+        for name in ("n_clusters", "fraction", "labels", "directions"):
+            values = getattr(self, name) or []
+            if len(set(values)) != len(values):
+                raise ValueError(f"tune.{name} lists a value twice: {values}")
+        return self
 
 
 class JobConfig(Strict):
