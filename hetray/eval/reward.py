@@ -50,7 +50,8 @@ def held_out_pairs(stage: Path, tokenizer_path: str) -> list[dict]:
 
     m = mf.read_manifest(stage)
     data = m["inputs"][0]  # plan_stage puts the pairs folder first
-    data_dir = data[0]["path"] if data and "key" in data[0] else os.path.commonpath([f["path"] for f in data])
+    # a folder with a manifest is fingerprinted by its key, else by its files
+    data_dir = data[0]["path"] if "key" in data[0] else os.path.commonpath([os.path.dirname(f["path"]) for f in data])
     if not common.read_table(data_dir, ["prompt"]).num_rows:
         raise RewardEvalError(f"{stage}/manifest.json: the pairs it was trained on ({data_dir}) are gone")
     job = common.StageJob(

@@ -16,9 +16,13 @@ function of the records.
 
 from __future__ import annotations
 
+import logging
+
 import orjson
 
 from hetray.sources.readers import InputError, iter_records
+
+log = logging.getLogger(__name__)
 
 SAMPLES_PREFIX = "sample:"
 
@@ -44,8 +48,9 @@ def partial_target(sentence: str) -> str:
 
 def load_items(path: str, limit: int | None = None) -> list[dict]:
     """The rows of a WinoGrande jsonl (``qID``, ``sentence``, ``option1``, ``option2``,
-    ``answer``). A row that cannot be scored is an ``InputError`` naming the file and line."""
-    items = []
+    ``answer``). Rows without an answer (the test split) are skipped with a warning; any other
+    row that cannot be scored is an ``InputError`` naming the file and line."""
+    items, unanswered = [], 0
     for row in iter_records(resolve_path(path)):
         where = f"{row['file']}:{row['line']}"
         if row["error"]:
@@ -54,11 +59,16 @@ def load_items(path: str, limit: int | None = None) -> list[dict]:
             obj = orjson.loads(row["text"])
         except orjson.JSONDecodeError as e:
             raise InputError(f"{where}: not valid JSON: {e}") from None
+        if isinstance(obj, dict) and obj.get("answer") in (None, ""):  # a test-split row: nothing to check
+            unanswered += 1
+            continue
         items.append(_item(obj, where))
         if limit is not None and len(items) >= limit:
             break
+    if unanswered:
+        log.warning("winogrande: %d row(s) of %s have no answer (test split?) and are skipped", unanswered, path)
     if not items:
-        raise InputError(f"WinoGrande file {path!r} holds no rows")
+        raise InputError(f"WinoGrande file {path!r} holds no rows with an answer")
     return items
 
 
@@ -69,10 +79,9 @@ def _item(obj, where: str) -> dict:
         if not isinstance(obj.get(field), str) or not obj[field].strip():
             raise InputError(f"{where}: field {field!r} is missing or not a non-empty string")
     sentence = obj["sentence"]
-    answer = str(obj.get("answer") or "").strip()
+    answer = str(obj["answer"]).strip()
     if answer not in ("1", "2"):
-        raise InputError(f"{where}: field 'answer' is {obj.get('answer')!r}, expected '1' or '2' "
-                         "(the test split has no answers)")
+        raise InputError(f"{where}: field 'answer' is {obj['answer']!r}, expected '1' or '2'")
     if sentence.count("_") != 1:
         raise InputError(f"{where}: field 'sentence' must have exactly one '_' blank, has {sentence.count('_')}")
     if not sentence[sentence.index("_") + 1:].strip():
