@@ -186,32 +186,40 @@ def resolve_files(path: str | list[str]) -> list[str]:
 
 def _hub_error(name: str, split: str, cause: Exception) -> InputError:
     return InputError(
-        f"could not load the Hugging Face dataset {name!r} (split {split or 'train'!r}): the hub is "
+        f"could not load the Hugging Face dataset {name!r} (split {split!r}): the hub is "
         f"not reachable from here or the dataset does not exist. Download it and give a local "
         f"path instead. Cause: {type(cause).__name__}: {cause}"
     )
 
 
+def hub_spec(spec: str) -> tuple[str, str, str | None]:
+    """``hf:ORG/NAME[:SPLIT[:CONFIG]]`` -> (name, split, config), e.g.
+    ``hf:allenai/winogrande:train:winogrande_xl``."""
+    name, _, rest = spec[len("hf:"):].partition(":")
+    split, _, config = rest.partition(":")
+    return name, split or "train", config or None
+
+
 def _check_hub(spec: str) -> None:
     """Fail before any work when a hub dataset cannot be reached (e.g. offline)."""
-    name, _, split = spec[len("hf:"):].partition(":")
+    name, split, config = hub_spec(spec)
     try:
         import datasets
 
-        datasets.load_dataset_builder(name)
+        datasets.load_dataset_builder(name, config)
     except Exception as e:  # noqa: BLE001 - any hub failure gets the same clear message
         raise _hub_error(name, split, e) from None
 
 
 def _hub_dataset(spec: str, limit: int | None):
-    """``hf:ORG/NAME[:SPLIT]`` -> a Ray Dataset of RAW rows (needs network)."""
+    """``hf:ORG/NAME[:SPLIT[:CONFIG]]`` -> a Ray Dataset of RAW rows (needs network)."""
     import ray
 
-    name, _, split = spec[len("hf:"):].partition(":")
+    name, split, config = hub_spec(spec)
     try:
         import datasets
 
-        hf = datasets.load_dataset(name, split=split or "train", streaming=False)
+        hf = datasets.load_dataset(name, config, split=split, streaming=False)
     except Exception as e:  # noqa: BLE001
         raise _hub_error(name, split, e) from None
     if limit:

@@ -6,7 +6,8 @@ from hetray.config import ConfigError, JobConfig, load_config
 
 from conftest import ROOT
 
-JOBS = sorted((ROOT / "jobs").rglob("*.yaml"))
+# every job file; runtime_env.yaml is Ray's, not a job (tests/test_cluster.py checks it)
+JOBS = sorted(p for p in (ROOT / "jobs").rglob("*.yaml") if p.name != "runtime_env.yaml")
 
 MINIMAL = """
 name: t

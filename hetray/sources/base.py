@@ -45,7 +45,7 @@ class SourceSettings(Strict):
     name: str = Field(description="source name written to the `source` column")
     path: str | list[str] = Field(
         description="local file, folder or glob (or a list); `sample:NAME` for a bundled "
-        "sample; `hf:ORG/NAME[:SPLIT]` for a Hugging Face dataset (needs network)"
+        "sample; `hf:ORG/NAME[:SPLIT[:CONFIG]]` for a Hugging Face dataset (needs network)"
     )
     limit: int | None = Field(
         default=None, ge=1, description="read at most this many records per file (for smoke runs)"
