@@ -238,8 +238,9 @@ def run_summary(root: Path, run: Run, model: str | None) -> dict:
     if run.folder:
         sel = mf.read_manifest(root / run.folder / "selected") or {}
         out["pairs_selected"] = sel.get("pairs_selected")
-        rew = mf.read_manifest(root / run.folder / "reward") or {}
-        out["reward_accuracy"] = (rew.get("final") or {}).get("eval_accuracy")
+        if "reward" in run.train:
+            rew = mf.read_manifest(root / run.folder / "reward") or {}
+            out["reward_accuracy"] = (rew.get("final") or {}).get("eval_accuracy")
     return out
 
 
