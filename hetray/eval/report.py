@@ -39,7 +39,8 @@ SUITE_COLUMNS = {
     "winobias": BIAS_COLUMNS + [("pairs", "pairs", None)],
     "winogender": BIAS_COLUMNS + [("pairs", "pairs", None)],
     "winogrande": [("accuracy", "Accuracy", "higher"), ("items", "items", None)],
-    "reward": [("accuracy", "Pairwise accuracy", "higher"), ("margin", "Mean margin", None), ("pairs", "pairs", None)],
+    "reward": [("accuracy", "Pairwise accuracy", "higher"), ("margin", "Mean margin", None), ("pairs", "pairs", None),
+               ("reward_model", "reward model", None)],
     "chat": [("non_empty_rate", "non-empty", "higher"), ("prompt_repeat_rate", "repeats prompt", "lower"),
              ("stop_rate", "stops (EOS)", "higher"), ("repeated_ngram_rate", "repeated 4-grams", "lower"),
              ("mean_new_tokens", "mean new tokens", None)],
@@ -61,6 +62,8 @@ def _number(v) -> float | None:
 
 
 def fmt(v) -> str:
+    if isinstance(v, str):
+        return v
     if isinstance(v, int) and not isinstance(v, bool):
         return str(v)
     n = _number(v)
@@ -89,10 +92,16 @@ def suite_table(metrics_by_model: dict, suite: str, run_info: dict) -> tuple[lis
     cells, bold = [], []
     for m, r in rows.items():
         info = run_info.get(m) or {}
-        run_cells = [fmt(info.get("fraction")) if k == "fraction" else ("yes" if info.get("rlhf") else "no") for k in runs]
+        run_cells = [_run_cell(k, info.get(k)) for k in runs]
         cells.append([m] + run_cells + [fmt(r.get(key)) for key, _, _ in columns])
         bold.append([False] * (1 + len(runs)) + [m in best[key] for key, _, _ in columns])
     return header, cells, bold
+
+
+def _run_cell(key: str, v) -> str:
+    if v is None:
+        return "–"
+    return f"{v:g}" if key == "fraction" else ("yes" if v else "no")
 
 
 def _markdown_table(header, cells, bold) -> list[str]:
@@ -152,11 +161,12 @@ def _fraction_plot(metrics_by_model: dict, run_info: dict, path: Path) -> bool:
         def value(m):
             return _number((metrics_by_model[m].get(suite) or {}).get(key))
 
-        for rlhf, label, style in ((False, "SFT (-S)", "o-"), (True, "SFT+RLHF (-R)", "s-")):
+        for rlhf, label, style, color in ((False, "SFT (-S)", "o-", "C0"), (True, "SFT+RLHF (-R)", "s-", "C1")):
             pts = sorted((run_info[m]["fraction"], value(m)) for m in with_fraction
                          if bool(run_info[m].get("rlhf")) == rlhf and value(m) is not None)
             if pts:
-                ax.plot([x for x, _ in pts], [y for _, y in pts], style, label=label)
+                ax.plot([x for x, _ in pts], [y for _, y in pts], style, color=color, label=label)
+        ax.set_xticks(sorted({run_info[m]["fraction"] for m in with_fraction}))
         for i, m in enumerate(m for m in metrics_by_model if m not in with_fraction and value(m) is not None):
             ax.axhline(value(m), linestyle="--", linewidth=1, color=f"C{(i + 2) % 10}", label=m)
         ax.set_title(title, fontsize=9)

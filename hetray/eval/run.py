@@ -58,6 +58,7 @@ def run_eval(models: dict[str, str], eval_cfg: EvalConfig, out_dir, seed: int = 
     metrics = {name: {} for name in models}
     records = {s: [] for s in suites}
     wall = {name: {} for name in models}
+    groups = {name: {} for name in models}
     for name, path in models.items():
         policy = [s for s in suites if s in POLICY_SUITES]
         if policy:
@@ -66,15 +67,20 @@ def run_eval(models: dict[str, str], eval_cfg: EvalConfig, out_dir, seed: int = 
                     t = time.time()
                     recs = pool.score(suite, items[suite])
                     metrics[name][suite] = aggregate_suite(suite, recs)
+                    if suite in BIAS_SIDES:
+                        groups[name][suite] = by_group(suite, recs)
                     records[suite] += [{"model": name, **r} for r in recs]
                     wall[name][suite] = round(time.time() - t, 3)
                     log.info("eval %s %s: %s (%.1f s)", name, suite, _headline(metrics[name][suite]), wall[name][suite])
     if "reward" in suites:
         _run_reward(rewards, eval_cfg, seed, metrics, records, wall)
-    return _write(out, models, eval_cfg, seed, extra, rewards, metrics, records, wall, started)
+    return _write(out, models, eval_cfg, seed, extra, rewards, metrics, records, wall, groups, started)
 
 
 # ---------------------------------------------------------------------------- suites
+
+
+BIAS_SIDES = {"winobias": ("pro", "anti"), "winogender": ("male", "female")}  # the two sentences of a pair
 
 
 def _bias_module(suite: str):
@@ -89,10 +95,7 @@ def load_suite(suite: str, cfg: EvalConfig) -> list:
         return list(cfg.chat.prompts)
     if suite == "winogender" and not cfg.winogender.path:
         raise EvalError("suite winogender: eval.winogender.path is not set (all_sentences.tsv of WinoGender)")
-    mod = _bias_module(suite)
-    if hasattr(mod, "load_items"):
-        return mod.load_items(getattr(cfg, suite))
-    return [None]  # no item-level API: the whole suite is one item (one worker runs it)
+    return _bias_module(suite).load_pairs(getattr(cfg, suite))
 
 
 def score_suite(suite: str, scorer, items: list, cfg: EvalConfig) -> list[dict]:
@@ -101,10 +104,9 @@ def score_suite(suite: str, scorer, items: list, cfg: EvalConfig) -> list[dict]:
         return winogrande.score_items(scorer, items)
     if suite == "chat":
         return chat.score_items(scorer, items, cfg.chat.max_new_tokens)
-    mod = _bias_module(suite)
-    if hasattr(mod, "score_items"):
-        return mod.score_items(scorer, items, getattr(cfg, suite), cfg.max_new_tokens)
-    return getattr(mod, f"evaluate_{suite}")(scorer, getattr(cfg, suite), cfg.max_new_tokens)["records"]
+    from hetray.eval.winobias import score_pairs  # WinoGender pairs are scored the same way
+
+    return score_pairs(scorer, items, BIAS_SIDES[suite], cfg.max_new_tokens, getattr(cfg, suite).bias_token)
 
 
 def aggregate_suite(suite: str, records: list[dict]) -> dict:
@@ -115,7 +117,18 @@ def aggregate_suite(suite: str, records: list[dict]) -> dict:
         return chat.aggregate(records)
     if suite == "reward":
         return reward.aggregate(records)
-    return _bias_module(suite).aggregate(records)
+    from hetray.eval import metrics
+
+    return metrics.summarise(records, *BIAS_SIDES[suite])
+
+
+def by_group(suite: str, records: list[dict]) -> dict | None:
+    """A bias suite's metrics per group (WinoBias type/split), else None."""
+    if suite not in BIAS_SIDES or not records:
+        return None
+    from hetray.eval import metrics
+
+    return metrics.summarise_groups(records, *BIAS_SIDES[suite])["by_group"]
 
 
 def _headline(overall: dict) -> str:
@@ -302,7 +315,7 @@ def write_records(records: list[dict], folder: Path, suite: str) -> Path:
         return path
 
 
-def _write(out: Path, models, cfg: EvalConfig, seed, extra, rewards, metrics, records, wall, started) -> dict:
+def _write(out: Path, models, cfg: EvalConfig, seed, extra, rewards, metrics, records, wall, groups, started) -> dict:
     from hetray.eval.report import write_report
     from hetray.manifest import versions
 
@@ -316,6 +329,7 @@ def _write(out: Path, models, cfg: EvalConfig, seed, extra, rewards, metrics, re
     result = {**metrics, META: {
         "models": dict(models), "suites": [s for s in SUITES if s in cfg.suites], "seed": seed,
         "config": cfg.model_dump(mode="json"), "runs": extra, "reward_models": rewards,
+        "by_group": {m: g for m, g in groups.items() if g},
         "wall_time_s": {**wall, "total": round(time.time() - started, 3)}, "versions": versions(),
         "outputs": paths,
     }}
