@@ -333,9 +333,9 @@ def test_unknown_model_is_named(tmp_path):
 
 
 def _cfg(**kw) -> EvalConfig:
-    return EvalConfig(suites=["winogrande", "chat"], batch_size=4, device="cpu",
-                      winogrande={"limit": 8}, chat={"prompts": ["Hi!", "Name a colour.", "Count to three."],
-                                                     "max_new_tokens": 6}, **kw)
+    return EvalConfig(suites=["winobias", "winogrande", "chat"], batch_size=4, device="cpu", max_new_tokens=4,
+                      winobias={"limit": 2, "types": [1]}, winogrande={"limit": 8},
+                      chat={"prompts": ["Hi!", "Name a colour.", "Count to three."], "max_new_tokens": 6}, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -350,16 +350,20 @@ def test_run_eval_end_to_end(in_process, tiny_llama):
     m = result["tiny"]
     assert m["winogrande"]["items"] == 8 and 0 <= m["winogrande"]["accuracy"] <= 1
     assert m["chat"]["responses"] == 3
+    assert m["winobias"]["pairs"] == 2 and m["winobias"]["bias"] >= 0
+    assert set(saved_groups := json.loads((out / "metrics.json").read_text())["_meta"]["by_group"]["tiny"]) == {"winobias"}
+    assert list(saved_groups["winobias"]) == ["type1/dev"]
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["tiny"] == m and saved["_meta"]["models"] == {"tiny": tiny_llama}
-    assert set(saved["_meta"]["wall_time_s"]["tiny"]) == {"winogrande", "chat"}
+    assert set(saved["_meta"]["wall_time_s"]["tiny"]) == {"winobias", "winogrande", "chat"}
     assert saved["_meta"]["config"]["winogrande"]["limit"] == 8 and "torch" in saved["_meta"]["versions"]
     wg = pq.read_table(out / "records" / "winogrande.parquet").to_pylist()
     assert len(wg) == 8 and {r["model"] for r in wg} == {"tiny"}
     assert m["winogrande"]["accuracy"] == sum(r["correct"] for r in wg) / 8
     assert (out / "chat.md").is_file() and len((out / "chat.jsonl").read_text().splitlines()) == 3
     report = (out / "report.md").read_text()
-    assert f"{m['winogrande']['accuracy']:.3f}" in report and (out / "report.html").is_file()
+    assert f"{m['winogrande']['accuracy']:.3f}" in report and f"{m['winobias']['bias']:.3f}" in report
+    assert (out / "report.html").is_file() and (out / "winobias_bias_accuracy.png").stat().st_size > 0
 
 
 @pytest.mark.slow
@@ -368,10 +372,26 @@ def test_two_ray_workers_give_the_same_metrics(in_process, tiny_llama, ray_local
     two = run_eval({"tiny": tiny_llama}, _cfg(num_workers=2), tmp_path, seed=0)
     assert two["tiny"]["winogrande"] == one["tiny"]["winogrande"]
     assert two["tiny"]["chat"] == pytest.approx(one["tiny"]["chat"])
+    assert two["tiny"]["winobias"] == pytest.approx(one["tiny"]["winobias"], abs=1e-4)
     a = pq.read_table(tmp_path / "records" / "winogrande.parquet").to_pylist()
     b = pq.read_table(in_process[0] / "records" / "winogrande.parquet").to_pylist()
     assert [r["id"] for r in a] == [r["id"] for r in b]  # concatenated in item order
     assert [r["logprob1"] for r in a] == pytest.approx([r["logprob1"] for r in b], abs=1e-4)
+
+
+def test_run_eval_reward_suite_finds_the_runs_reward_model(tmp_path, tiny_llama):
+    import shutil
+
+    run = _reward_run(tmp_path / "run", tiny_llama)
+    shutil.copytree(tiny_llama, run / "ppo" / "merged")
+    models = {"ppo": str(run / "ppo" / "merged"), "base": tiny_llama}
+    result = run_eval(models, EvalConfig(suites=["reward"], device="cpu"), tmp_path / "eval")
+    alone = reward.evaluate_reward(str(run / "reward"), EvalConfig().reward, device="cpu")
+    assert result["ppo"]["reward"] == {**alone["overall"], "reward_model": str(run / "reward")}
+    assert result["base"] == {}  # no reward model goes with the bare base model
+    assert pq.read_table(tmp_path / "eval" / "records" / "reward.parquet").num_rows == alone["overall"]["pairs"]
+    with pytest.raises(EvalError, match="no reward model"):
+        run_eval({"base": tiny_llama}, EvalConfig(suites=["reward"]), tmp_path / "none")
 
 
 @pytest.mark.slow
