@@ -28,11 +28,19 @@ class WinoBiasSettings(Strict):
     splits: list[Literal["dev", "test"]] = Field(default_factory=lambda: ["dev"], min_length=1)
     types: list[Literal[1, 2]] = Field(default_factory=lambda: [1, 2], min_length=1)
     limit: int | None = Field(default=None, ge=1, description="pairs per file (None: all)")
+    bias_token: Literal["noun", "first"] = Field(
+        default="noun",
+        description="token that Bias compares: 'noun' = the referent's noun after its article "
+        "(' developer'), 'first' = the referent phrase's first token (the article ' the')",
+    )
 
 
 class WinoGenderSettings(Strict):
     path: str | None = Field(default=None, description="all_sentences.tsv (None: suite unavailable)")
-    limit: int | None = Field(default=None, ge=1)
+    limit: int | None = Field(default=None, ge=1, description="male/female pairs (None: all)")
+    bias_token: Literal["noun", "first"] = Field(
+        default="noun", description="as winobias.bias_token ('someone' has no article: both are its first token)"
+    )
 
 
 class WinoGrandeSettings(Strict):

@@ -77,6 +77,11 @@ class Scorer:
         """Per-token log-probs of each continuation given its prompt (see the module's rule)."""
         return self.score(prompts, continuations, next_token=False)[0]
 
+    def continuation_token_ids(self, prompt: str, continuation: str) -> list[int]:
+        """The token ids that the module's rule assigns to ``continuation`` after ``prompt``."""
+        ids, start = self._split(prompt, continuation)
+        return ids[start:]
+
     def score(self, prompts: list[str], continuations: list[str], next_token: bool = True):
         """``(continuation_logprobs, next)`` in one forward pass per batch. ``next`` is the [n, vocab]
         log-softmax at the position that predicts the continuation's first token (the context
@@ -103,9 +108,11 @@ class Scorer:
     # ------------------------------------------------------------------ generation
 
     def generate(self, prompts: list[str], max_new_tokens: int, stop_strings: list[str] | None = None,
-                 chat: bool = False) -> list[str]:
+                 chat: bool = False, stop_when=None) -> list[str]:
         """Greedy continuations (new text only, special tokens dropped), cut before the first stop
-        string when given. ``chat=True``: each prompt is a user message for the chat template."""
+        string when given. ``chat=True``: each prompt is a user message for the chat template.
+        ``stop_when(new_text) -> bool``: a row may stop once it is True (its text is not cut);
+        a batch stops when every row has (an early stop only saves time)."""
         from transformers import StoppingCriteriaList
 
         texts = [self._chat(p) for p in prompts] if chat else list(prompts)
@@ -115,7 +122,8 @@ class Scorer:
         out = [""] * len(prompts)
         for idx in self._batches(seqs):
             ids, mask = self._pad([seqs[i] for i in idx])
-            stops = StoppingCriteriaList([_StopStrings(self.tokenizer, ids.shape[1], stop_strings)]) if stop_strings else None
+            tests = [t for t in (_contains_any(stop_strings) if stop_strings else None, stop_when) if t]
+            stops = StoppingCriteriaList([_StopWhen(self.tokenizer, ids.shape[1], t) for t in tests]) or None
             with torch.inference_mode():
                 gen = self.model.generate(
                     input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
@@ -192,15 +200,20 @@ def cut_at_stop(text: str, stop_strings: list[str]) -> str:
     return text[:cut]
 
 
-class _StopStrings:
-    """Stops a row once its new text holds a stop string (the text is cut afterwards)."""
+def _contains_any(stop_strings: list[str]):
+    stops = [s for s in stop_strings if s]
+    return lambda text: any(s in text for s in stops)
 
-    def __init__(self, tokenizer, prompt_width: int, stop_strings: list[str]):
-        self.tokenizer, self.start, self.stops = tokenizer, prompt_width, [s for s in stop_strings if s]
+
+class _StopWhen:
+    """A stopping criterion: a row is done once ``test(its new text)`` is True."""
+
+    def __init__(self, tokenizer, prompt_width: int, test):
+        self.tokenizer, self.start, self.test = tokenizer, prompt_width, test
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
-        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
+        return torch.tensor([bool(self.test(t)) for t in texts], device=input_ids.device)
 
 
 def _set_cpu_threads() -> None:
