@@ -333,8 +333,9 @@ def test_unknown_model_is_named(tmp_path):
 
 
 def _cfg(**kw) -> EvalConfig:
-    return EvalConfig(suites=["winobias", "winogrande", "chat"], batch_size=4, device="cpu", max_new_tokens=4,
-                      winobias={"limit": 2, "types": [1]}, winogrande={"limit": 8},
+    return EvalConfig(suites=["winobias", "winogender", "winogrande", "chat"], batch_size=4, device="cpu",
+                      max_new_tokens=4, winobias={"limit": 2, "types": [1]}, winogrande={"limit": 8},
+                      winogender={"path": str(HERE / "winogender.tsv")},
                       chat={"prompts": ["Hi!", "Name a colour.", "Count to three."], "max_new_tokens": 6}, **kw)
 
 
@@ -351,11 +352,12 @@ def test_run_eval_end_to_end(in_process, tiny_llama):
     assert m["winogrande"]["items"] == 8 and 0 <= m["winogrande"]["accuracy"] <= 1
     assert m["chat"]["responses"] == 3
     assert m["winobias"]["pairs"] == 2 and m["winobias"]["bias"] >= 0
-    assert set(saved_groups := json.loads((out / "metrics.json").read_text())["_meta"]["by_group"]["tiny"]) == {"winobias"}
-    assert list(saved_groups["winobias"]) == ["type1/dev"]
+    assert m["winogender"]["pairs"] == 2 and "accuracy_male" in m["winogender"]
+    groups = json.loads((out / "metrics.json").read_text())["_meta"]["by_group"]["tiny"]
+    assert list(groups["winobias"]) == ["type1/dev"] and set(groups["winogender"]) == {"occupation", "participant"}
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["tiny"] == m and saved["_meta"]["models"] == {"tiny": tiny_llama}
-    assert set(saved["_meta"]["wall_time_s"]["tiny"]) == {"winobias", "winogrande", "chat"}
+    assert set(saved["_meta"]["wall_time_s"]["tiny"]) == {"winobias", "winogender", "winogrande", "chat"}
     assert saved["_meta"]["config"]["winogrande"]["limit"] == 8 and "torch" in saved["_meta"]["versions"]
     wg = pq.read_table(out / "records" / "winogrande.parquet").to_pylist()
     assert len(wg) == 8 and {r["model"] for r in wg} == {"tiny"}
@@ -363,6 +365,7 @@ def test_run_eval_end_to_end(in_process, tiny_llama):
     assert (out / "chat.md").is_file() and len((out / "chat.jsonl").read_text().splitlines()) == 3
     report = (out / "report.md").read_text()
     assert f"{m['winogrande']['accuracy']:.3f}" in report and f"{m['winobias']['bias']:.3f}" in report
+    assert "Gender bias on WinoGender" in report and f"{m['winogender']['bias_entropy']:.3f}" in report
     assert (out / "report.html").is_file() and (out / "winobias_bias_accuracy.png").stat().st_size > 0
 
 
@@ -373,6 +376,7 @@ def test_two_ray_workers_give_the_same_metrics(in_process, tiny_llama, ray_local
     assert two["tiny"]["winogrande"] == one["tiny"]["winogrande"]
     assert two["tiny"]["chat"] == pytest.approx(one["tiny"]["chat"])
     assert two["tiny"]["winobias"] == pytest.approx(one["tiny"]["winobias"], abs=1e-4)
+    assert two["tiny"]["winogender"] == pytest.approx(one["tiny"]["winogender"], abs=1e-4)
     a = pq.read_table(tmp_path / "records" / "winogrande.parquet").to_pylist()
     b = pq.read_table(in_process[0] / "records" / "winogrande.parquet").to_pylist()
     assert [r["id"] for r in a] == [r["id"] for r in b]  # concatenated in item order

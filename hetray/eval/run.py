@@ -23,7 +23,6 @@ for every model it goes with.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import math
@@ -83,19 +82,21 @@ def run_eval(models: dict[str, str], eval_cfg: EvalConfig, out_dir, seed: int = 
 BIAS_SIDES = {"winobias": ("pro", "anti"), "winogender": ("male", "female")}  # the two sentences of a pair
 
 
-def _bias_module(suite: str):
-    return importlib.import_module(f"hetray.eval.{suite}")
-
-
 def load_suite(suite: str, cfg: EvalConfig) -> list:
     """The items of a policy suite (checked: a bad row fails here, before any model loads)."""
     if suite == "winogrande":
         return winogrande.load_items(cfg.winogrande.path, cfg.winogrande.limit)
     if suite == "chat":
         return list(cfg.chat.prompts)
-    if suite == "winogender" and not cfg.winogender.path:
-        raise EvalError("suite winogender: eval.winogender.path is not set (all_sentences.tsv of WinoGender)")
-    return _bias_module(suite).load_pairs(getattr(cfg, suite))
+    if suite == "winogender":
+        if not cfg.winogender.path:
+            raise EvalError("suite winogender: eval.winogender.path is not set (WinoGender's all_sentences.tsv)")
+        from hetray.eval.winogender import read_pairs
+
+        return read_pairs(Path(cfg.winogender.path), cfg.winogender.limit)
+    from hetray.eval.winobias import load_pairs
+
+    return load_pairs(cfg.winobias)
 
 
 def score_suite(suite: str, scorer, items: list, cfg: EvalConfig) -> list[dict]:
