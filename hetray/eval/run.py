@@ -59,21 +59,25 @@ def run_eval(models: dict[str, str], eval_cfg: EvalConfig, out_dir, seed: int = 
     wall = {name: {} for name in models}
     groups = {name: {} for name in models}
     for name, path in models.items():
-        policy = [s for s in suites if s in POLICY_SUITES]
-        if policy:
-            with _Pool("policy", name, path, eval_cfg, seed) as pool:
-                for suite in policy:
-                    t = time.time()
-                    recs = pool.score(suite, items[suite])
-                    metrics[name][suite] = aggregate_suite(suite, recs)
-                    if suite in BIAS_SIDES:
-                        groups[name][suite] = by_group(suite, recs)
-                    records[suite] += [{"model": name, **r} for r in recs]
-                    wall[name][suite] = round(time.time() - t, 3)
-                    log.info("eval %s %s: %s (%.1f s)", name, suite, _headline(metrics[name][suite]), wall[name][suite])
+        if items:
+            _run_policy(name, path, items, eval_cfg, seed, metrics, records, wall, groups)
     if "reward" in suites:
         _run_reward(rewards, eval_cfg, seed, metrics, records, wall)
     return _write(out, models, eval_cfg, seed, extra, rewards, metrics, records, wall, groups, started)
+
+
+def _run_policy(name: str, path: str, items: dict, cfg: EvalConfig, seed: int, metrics, records, wall, groups) -> None:
+    """Load one model once (per worker) and run every policy suite on it."""
+    with _Pool("policy", name, path, cfg, seed) as pool:
+        for suite, suite_items in items.items():
+            t = time.time()
+            recs = pool.score(suite, suite_items)
+            metrics[name][suite] = aggregate_suite(suite, recs)
+            if suite in BIAS_SIDES:
+                groups[name][suite] = by_group(suite, recs)
+            records[suite] += [{"model": name, **r} for r in recs]
+            wall[name][suite] = round(time.time() - t, 3)
+            log.info("eval %s %s: %s (%.1f s)", name, suite, _headline(metrics[name][suite]), wall[name][suite])
 
 
 # ---------------------------------------------------------------------------- suites
@@ -196,9 +200,20 @@ class _Pool:
             from hetray.ray_utils import init_ray
 
             init_ray(RayConfig())
+            # Ray leaves every GPU visible to an actor that asked for none: pin the device
+            if cfg.device == "cuda" and not cfg.num_gpus_per_worker:
+                raise EvalError("eval.device=cuda with num_workers > 1 needs eval.num_gpus_per_worker > 0")
+            cfg_json["device"] = "cuda" if cfg.num_gpus_per_worker else "cpu"
+            have = ray.cluster_resources()
+            for res, each in (("CPU", 1), ("GPU", cfg.num_gpus_per_worker)):
+                if cfg.num_workers * each > have.get(res, 0):
+                    raise EvalError(f"eval.num_workers={cfg.num_workers} actors need {cfg.num_workers * each:g} "
+                                    f"{res}s, the Ray cluster has {have.get(res, 0):g}")
             actor = ray.remote(num_cpus=1, num_gpus=cfg.num_gpus_per_worker)(_Worker)
             self.actors = [actor.remote(kind, path, cfg_json, seed) for _ in range(cfg.num_workers)]
             ray.get([a.ready.remote() for a in self.actors])
+        except EvalError:
+            raise
         except Exception as e:
             self.close()
             raise EvalError(f"model {name!r} ({path}) could not be loaded: {_cause(e)}") from e
