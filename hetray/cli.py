@@ -6,6 +6,8 @@
     hetray select --config jobs/quickstart.yaml [--fraction F] [--n-clusters K] [overrides]
     hetray train sft|reward|ppo|rloo|dpo --config jobs/quickstart.yaml [overrides] [--force]
     hetray run jobs/quickstart.yaml [key.sub=value ...]     # every stage of the job, in order
+    hetray eval --models base=smollm2-135m-instruct,sft=runs/x/sft/merged --suites winobias,chat
+    hetray tune --config jobs/quickstart.yaml [overrides]  # Ray Tune over n_clusters / fraction
 """
 
 from __future__ import annotations
@@ -52,6 +54,15 @@ def make_parser() -> argparse.ArgumentParser:
         st.add_argument("--config", required=True, help="job YAML")
         st.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. train.{stage}.max_steps=10")
         st.add_argument("--force", action="store_true", help="re-run even if up to date")
+
+    ev = sub.add_parser("eval", help="evaluate models: WinoBias/WinoGender bias, WinoGrande, reward, chat -> report")
+    from hetray.eval.run import add_arguments as eval_arguments
+
+    eval_arguments(ev)
+
+    tu = sub.add_parser("tune", help="Ray Tune search over selection settings (n_clusters, fraction, label)")
+    tu.add_argument("--config", required=True, help="job YAML (its tune: section)")
+    tu.add_argument("overrides", nargs="*", help="dotted overrides, e.g. 'tune.fraction=[0.2,0.6]'")
 
     i = sub.add_parser("inspect", help="summarise any hetray output (run dir, folder, parquet file)")
     i.add_argument("path")
@@ -109,6 +120,15 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        if args.command == "eval":
+            from hetray.eval.run import cli as eval_cli
+
+            return eval_cli(args)
+        if args.command == "tune":
+            from hetray.tune import format_result, run_tune
+
+            print(format_result(run_tune(load_config(args.config, args.overrides))))
+            return 0
         if args.command == "inspect":
             from hetray.summary import inspect
 
