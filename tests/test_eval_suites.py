@@ -327,6 +327,24 @@ def test_split_evenly_and_parse_models():
         parse_models("a=x,a=y")
 
 
+def test_eval_config_from_a_job_file_with_overrides(tmp_path):
+    from hetray.config import ConfigError
+    from hetray.eval.run import eval_config
+
+    job = tmp_path / "job.yaml"
+    job.write_text("seed: 7\nconvert:\n  sources: [{name: wg, format: winogrande, path: x.jsonl}]\n"
+                   "eval:\n  batch_size: 3\n  chat: {max_new_tokens: 5}\n")
+    cfg, seed = eval_config(str(job), ["eval.winogrande.limit=4", "device=cpu"], "winogrande,chat")
+    assert (cfg.batch_size, cfg.chat.max_new_tokens, cfg.winogrande.limit, cfg.device, seed) == (3, 5, 4, "cpu", 7)
+    assert cfg.suites == ["winogrande", "chat"]
+    cfg, seed = eval_config(None, [], None)
+    assert cfg == EvalConfig() and seed is None
+    with pytest.raises(ConfigError, match="unknown key 'eval.winogrande.limt'"):
+        eval_config(None, ["winogrande.limt=3"], None)
+    with pytest.raises(ConfigError, match=r"'eval.suites.0': Input should be"):
+        eval_config(None, [], "nope")
+
+
 def test_unknown_model_is_named(tmp_path):
     with pytest.raises(EvalError, match=r"model 'sft' \(runs/nowhere/sft/merged\)"):
         run_eval({"sft": "runs/nowhere/sft/merged"}, EvalConfig(suites=["chat"]), tmp_path)
@@ -393,6 +411,9 @@ def test_run_eval_reward_suite_finds_the_runs_reward_model(tmp_path, tiny_llama)
     alone = reward.evaluate_reward(str(run / "reward"), EvalConfig().reward, device="cpu")
     assert result["ppo"]["reward"] == {**alone["overall"], "reward_model": str(run / "reward")}
     assert result["base"] == {}  # no reward model goes with the bare base model
+    given = run_eval({"base": tiny_llama}, EvalConfig(suites=["reward"], device="cpu"), tmp_path / "e2",
+                     extra={"base": {"reward_model": str(run)}})
+    assert given["base"]["reward"]["accuracy"] == alone["overall"]["accuracy"]
     assert pq.read_table(tmp_path / "eval" / "records" / "reward.parquet").num_rows == alone["overall"]["pairs"]
     with pytest.raises(EvalError, match="no reward model"):
         run_eval({"base": tiny_llama}, EvalConfig(suites=["reward"]), tmp_path / "none")

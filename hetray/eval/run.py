@@ -393,7 +393,7 @@ def eval_config(config: str | None, overrides: list[str], suites: str | None) ->
     """The EvalConfig (a job's eval: section, or the defaults) with overrides; and the job's seed."""
     from pydantic import ValidationError
 
-    from hetray.config import ConfigError, _explain, apply_overrides, load_config
+    from hetray.config import ConfigError, apply_overrides, load_config
 
     job = load_config(config) if config else None
     data = job.eval.model_dump(mode="json") if job else {}
@@ -403,7 +403,17 @@ def eval_config(config: str | None, overrides: list[str], suites: str | None) ->
     try:
         return EvalConfig.model_validate(data), (job.seed if job else None)
     except ValidationError as e:
-        raise ConfigError(_explain(e, f"{config or 'hetray eval'} (eval settings)")) from None
+        raise ConfigError("\n".join(_explain(err, config) for err in e.errors())) from None
+
+
+def _explain(err: dict, config: str | None) -> str:
+    """One pydantic error as 'where: unknown key 'eval.x.y'' (hetray.config's own explainer drops
+    location parts named like a source format, such as ``winogrande``)."""
+    key = "eval." + ".".join(str(p) for p in err["loc"])
+    origin = config or "hetray eval"
+    if err["type"] == "extra_forbidden":
+        return f"{origin}: unknown key '{key}'"
+    return f"{origin}: '{key}': {err['msg']} (got {err.get('input')!r})"
 
 
 def cli(args) -> int:
