@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import socket
@@ -43,13 +44,17 @@ def _runtime_env() -> dict:
     return parse_runtime_env_args(runtime_env=str(RUNTIME_ENV))  # what `ray job submit --runtime-env` does
 
 
-def _ray_start_args(commands: list[str]) -> list[str]:
-    """The arguments of the `ray start` in a list of shell commands."""
+def _ray_start(commands: list[str]) -> tuple[dict, list[str]]:
+    """The environment assignments and the arguments of the `ray start` in a list of shell commands."""
     for cmd in commands:
         for part in cmd.split(";"):
             words = shlex.split(part)
+            env = {}
+            while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
+                key, value = words.pop(0).split("=", 1)
+                env[key] = value
             if words[:2] == ["ray", "start"]:
-                return words[2:]
+                return env, words[2:]
     raise AssertionError(f"no `ray start` in {commands}")
 
 
@@ -124,14 +129,17 @@ def test_cluster_node_types_and_worker_counts():
 
 def test_head_runs_the_job_server_on_every_interface():
     c = _cluster()
-    head = _ray_start_args(c["head_start_ray_commands"])
+    head_env, head = _ray_start(c["head_start_ray_commands"])
     assert "--head" in head
     assert _flag(head, "--dashboard-host") == "0.0.0.0"
     assert _flag(head, "--dashboard-port") == "8265"
     assert _flag(head, "--include-dashboard") == "true"
     assert _flag(head, "--autoscaling-config") == "~/ray_bootstrap_config.yaml"
-    worker = _ray_start_args(c["worker_start_ray_commands"])
+    worker_env, worker = _ray_start(c["worker_start_ray_commands"])
     assert _flag(worker, "--address") == f"$RAY_HEAD_IP:{_flag(head, '--port')}"
+    # a job server on 0.0.0.0 takes code from whoever reaches it: token auth on every node, one token
+    assert head_env.get("RAY_AUTH_MODE") == worker_env.get("RAY_AUTH_MODE") == "token"
+    assert c["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
 
 
 def test_image_pins_ray_2_60_and_a_matching_cuda_torch():
@@ -152,7 +160,7 @@ def test_image_pins_ray_2_60_and_a_matching_cuda_torch():
     assert {mounts[f"/home/ray/hetray/{n}"] for n in ("hetray", "pyproject.toml", "README.md")} == {
         "./hetray", "./pyproject.toml", "./README.md"}
     for local in mounts.values():
-        assert (ROOT / local).exists(), local
+        assert local.startswith("~/") or (ROOT / local).exists(), local
 
 
 def test_shared_storage_is_mounted_for_run_dirs():
@@ -264,10 +272,10 @@ def _stop_head(procs: dict) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
-def _wait_for_dashboard(url: str, deadline: float) -> None:
+def _wait_for_dashboard(url: str, headers: dict, deadline: float) -> None:
     while True:
         try:
-            with urllib.request.urlopen(f"{url}/api/version", timeout=5) as r:
+            with urllib.request.urlopen(urllib.request.Request(f"{url}/api/version", headers=headers), timeout=5) as r:
                 if r.status == 200:
                     return
         except OSError:
@@ -295,8 +303,13 @@ def test_ray_job_submit_runs_the_data_stages(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="hr-", dir="/tmp")  # short: Ray's socket paths have a length limit
     run_dir = tmp_path / "run"
     gcs, dash, nm, om, agent, agent_grpc, rt_agent, metrics, client = _free_ports(9)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Token auth as on the cluster, with a token of our own: never ~/.ray/auth_token, which other
+    # Rays on this machine may use (Ray 2.60 turns auth on for a head wherever that file exists)
+    token = secrets.token_hex(32)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"  # the job's `hetray` is the head's
+    headers = {"Authorization": f"Bearer {token}"}
 
     runtime_env = _runtime_env()
     runtime_env["env_vars"].update(  # the cluster's /mnt/shared does not exist here
@@ -318,7 +331,7 @@ def test_ray_job_submit_runs_the_data_stages(tmp_path):
             env=env, cwd=temp_dir, capture_output=True, text=True, timeout=120)
         procs = _processes_of(temp_dir)
         assert start.returncode == 0, f"ray start failed:\n{start.stdout}\n{start.stderr}"
-        _wait_for_dashboard(url, time.monotonic() + 60)
+        _wait_for_dashboard(url, headers, time.monotonic() + 90)
 
         submission_id = f"hetray-smoke-{os.getpid()}"
         submit = subprocess.run(
@@ -328,7 +341,7 @@ def test_ray_job_submit_runs_the_data_stages(tmp_path):
             env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert submit.returncode == 0, f"ray job submit failed:\n{submit.stdout}\n{submit.stderr}"
 
-        client = JobSubmissionClient(url)
+        client = JobSubmissionClient(url, headers=headers)
         deadline = time.monotonic() + 300
         done = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
         while (status := client.get_job_status(submission_id)) not in done:
