@@ -45,7 +45,7 @@ def main() -> None:
         f"Total wall time {summary['wall_time_s']} s; peak memory of the process tree {measured['peak_mem_mib']} MiB;"
         f" load average after {measured['load_avg_1min_after']}.",
         "",
-        "## WinoBias (dev, 50 pairs per file) and other suites",
+        "## WinoBias (dev, 25 pairs per file) and other suites",
         "| run | trained | fraction | pairs | " + " | ".join(COLUMNS) + " | WinoGrande acc. | reward acc. | chat non-repeat |",
         "|---" * (len(COLUMNS) + 7) + "|",
     ]
