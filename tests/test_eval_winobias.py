@@ -44,7 +44,7 @@ def test_pronoun_is_the_last_bracket_and_referent_gets_its_article(tmp_path):
     assert a["prompt_pro"] == 'The developer visited the barber because he needed to cut his hair. "his" refers to: '
     assert a["cluster_anti"] == "the developer she her" and a["n"] == 7 and not a["irregular"]
     assert b["referent_pro"] == b["referent_anti"] == "the physician"
-    assert b["irregular"]  # "the [ physician]" vs "[the physician]": the sentences differ in more than the pronoun
+    assert not b["irregular"]  # "the [ physician]" vs "[the physician]": the same sentence
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -52,8 +52,8 @@ Per pair (pro side p, anti side a):
 * **Similarity**: the fraction of pairs whose pro and anti sentences are both correct or both
   wrong.
 
-Irregular pairs (e.g. dev type 1 #92, "needed a desk" / "needed one"): pairs whose sentences
-differ in more than the pronoun brackets, or whose referents differ. They are kept and scored
+Irregular pairs (e.g. dev type 1 #92, "needed a desk" / "needed one"): pairs whose sentences,
+brackets removed, differ in more than the pronoun brackets, or whose referents differ. They are kept and scored
 like the others (each side with its own prompt, referent and cluster), flagged ``irregular``
 in the records and counted in ``irregular_pairs``.
 
@@ -211,9 +211,14 @@ def read_pairs(pro: Path, anti: Path, group: str, limit: int | None = None) -> l
 
 
 def _frame(line: str) -> str:
-    """The line with its brackets masked (first: <R>, later: <P>): equal for a regular pair."""
-    marks = iter(["<R>"])
-    return " ".join(_BRACKET.sub(lambda _: next(marks, "<P>"), line).split())
+    """The line without brackets and with its pronouns masked: equal for a regular pair."""
+    seen = []
+
+    def mark(m: re.Match) -> str:
+        seen.append(m)
+        return m.group(0)[1:-1] if len(seen) == 1 else "<P>"
+
+    return " ".join(_BRACKET.sub(mark, line).split())
 
 
 # ---------------------------------------------------------------------------- scoring
