@@ -253,6 +253,8 @@ def test_repeated_ngram_rate():
     assert chat.repeated_ngram_rate("a b c d a b c d") == pytest.approx(1 - 4 / 5)
     assert chat.repeated_ngram_rate("la " * 20) == pytest.approx(1 - 1 / 17)
     assert chat.repeated_ngram_rate("too short") == 0.0
+    # a numbered list stuck in a loop: the counters do not make the 4-grams new
+    assert chat.repeated_ngram_rate("12. Asia 13. Asia 14. Asia 15. Asia 16. Asia") == pytest.approx(1 - 1 / 2)
 
 
 def test_prompt_repetition():

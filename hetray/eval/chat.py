@@ -10,7 +10,8 @@ answer, aggregated as rates:
   of the prompt), after lower-casing and dropping punctuation;
 * ``stops``: generation ended by itself (EOS) before ``max_new_tokens``;
 * ``repeated_ngram_rate``: share of word 4-grams that already occurred earlier in the answer
-  (rep-n of Welleck et al., 2019): degenerate loops score near 1.
+  (rep-n of Welleck et al., 2019; numbers are not words here, so list counters do not hide a
+  loop): degenerate loops score near 1.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def repeats_prompt(prompt: str, response: str) -> bool:
 
 
 def repeated_ngram_rate(text: str, n: int = NGRAM) -> float:
-    words = _WORD.findall(text.lower())
+    # numbers are left out, so a numbered list that loops ("14. Asia 15. Asia") counts as a loop
+    words = [w for w in _WORD.findall(text.lower()) if not w.isdigit()]
     grams = [tuple(words[i: i + n]) for i in range(len(words) - n + 1)]
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
