@@ -155,7 +155,7 @@ def test_image_pins_ray_2_60_and_a_matching_cuda_torch():
     floor = re.search(r'"torch>=(\d+)\.(\d+)"', pyproject)  # pyproject's loose torch range
     assert floor and tuple(map(int, torch.group(1).split(".")[:2])) >= tuple(map(int, floor.groups()))
     # hetray itself (and so every pin of pyproject) is installed from the mounted package
-    assert "pip install -q -e /home/ray/hetray" in c["setup_commands"]
+    assert "pip install -q /home/ray/hetray-build" in c["setup_commands"]
     mounts = c["file_mounts"]
     assert {mounts[f"/home/ray/hetray/{n}"] for n in ("hetray", "pyproject.toml", "README.md")} == {
         "./hetray", "./pyproject.toml", "./README.md"}
