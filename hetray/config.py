@@ -220,11 +220,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def _loc(loc: tuple) -> str:
     out = ""
-    for part in loc:
+    for i, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ADAPTERS:  # the discriminator tag pydantic puts into the location
-            continue
+        elif part in ADAPTERS and i > 0 and isinstance(loc[i - 1], int):
+            continue  # the discriminator tag pydantic puts after a source's list index
         else:
             out += ("." if out else "") + str(part)
     return out

@@ -79,3 +79,9 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(_write(tmp_path, "a: [1,\n"))
+
+
+def test_unknown_key_in_a_section_named_like_a_source_format(tmp_path):
+    p = _write(tmp_path, MINIMAL.format(run_dir=tmp_path) + "eval:\n  winogrande:\n    limt: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'eval\.winogrande\.limt'"):
+        load_config(p)
