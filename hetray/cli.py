@@ -61,8 +61,9 @@ def make_parser() -> argparse.ArgumentParser:
     eval_arguments(ev)
 
     tu = sub.add_parser("tune", help="Ray Tune search over selection settings (n_clusters, fraction, label)")
-    tu.add_argument("--config", required=True, help="job YAML (its tune: section)")
-    tu.add_argument("overrides", nargs="*", help="dotted overrides, e.g. 'tune.fraction=[0.2,0.6]'")
+    from hetray.tune import add_arguments as tune_arguments
+
+    tune_arguments(tu)
 
     i = sub.add_parser("inspect", help="summarise any hetray output (run dir, folder, parquet file)")
     i.add_argument("path")
@@ -125,10 +126,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return eval_cli(args)
         if args.command == "tune":
-            from hetray.tune import format_result, run_tune
+            from hetray.tune import cli as tune_cli
 
-            print(format_result(run_tune(load_config(args.config, args.overrides))))
-            return 0
+            return tune_cli(args)
         if args.command == "inspect":
             from hetray.summary import inspect
 
