@@ -169,7 +169,8 @@ def run_pipeline(cfg: JobConfig, force: bool = False) -> dict:
                 module = importlib.import_module(f"hetray.train.{stage}")
                 p.step(stage, where, getattr(module, f"run_{stage}"), sub, force)
 
-    models, info = final_models(cfg, runs)
+    # resolving the bundled LLM converts it once (~1 min): only when something will load it
+    models, info = final_models(cfg, runs, resolve=p.wants("eval"))
     metrics = None
     if p.wants("eval") and models:
         p.step("eval", root, run_evaluation, cfg, models, info, force, out=root / "eval")
@@ -190,12 +191,12 @@ def run_pipeline(cfg: JobConfig, force: bool = False) -> dict:
     return summary
 
 
-def final_models(cfg: JobConfig, runs: list[Run]) -> tuple[dict[str, str], dict[str, dict]]:
+def final_models(cfg: JobConfig, runs: list[Run], resolve: bool = True) -> tuple[dict[str, str], dict[str, dict]]:
     """{run name: model path or id} to evaluate, and what the report needs to know of each."""
     from hetray.train.common import STAGE_MODEL_DIR, resolve_base
 
     root = Path(cfg.run_dir).resolve()
-    base = resolve_base(cfg.train.model)
+    base = resolve_base(cfg.train.model) if resolve else cfg.train.model
     models, info = {}, {}
     if not cfg.pipeline.runs and runs[0].final_stage:  # a single run: compare against its base
         models["base"] = base
