@@ -14,7 +14,8 @@ of one source) with Ray Tune, against a short training run's objective.
 4. ``write_outputs``: ``trials.csv`` / ``trials.json`` (settings, objective, status, wall time),
    ``best.json`` and ``objective.png``.
 
-A trial: select -> SFT (``tune.sft_steps``) -> the reward model at ``tune.rounds`` growing budgets
+A trial: select -> SFT (``tune.sft_steps``; skipped when nothing needs it: a reward objective
+with ``train.reward.init: base``) -> the reward model at ``tune.rounds`` growing budgets
 (``train_steps * r / rounds`` steps, each trained from the SFT model) -> after each round one
 ``tune.report``. The budgets are what ASHA cuts: a trial whose reward model is poor after the
 first budget is stopped before the larger ones. Each round retrains from scratch (the stages
@@ -22,10 +23,11 @@ take no "continue" option), so a full trial costs (rounds + 1) / 2 times the las
 
 The objective, ``reward_accuracy``: the pairwise accuracy of the trial's reward model on one
 fixed sample of held-out pairs, the same for every trial (``tune.eval_pairs`` pairs of the
-prompts that the reward stage's seeded hash holds out, drawn from all of ``preferences/``).
-Scored on its own selection's held-out pairs instead, a small fraction would be judged on fewer,
-easier pairs (the top quality gaps) than a large one. Trials never train on held-out prompts:
-SFT trains on the selection minus them, the reward stage splits them off by the same hash.
+prompts that the reward stage's seeded hash holds out, drawn from all of ``preferences/``;
+TRL drops those longer than ``train.reward.max_length``, the same in every trial). Scored on its
+own selection's held-out pairs instead, a small fraction would be judged on fewer, easier pairs
+(the top quality gaps) than a large one. Trials never train on held-out prompts: SFT trains on
+the selection minus them, the reward stage splits them off by the same hash.
 Any evaluation metric (``<suite>.<metric>``, ``hetray.eval.run.run_eval``) may be the
 objective instead: policy suites score the trial's SFT model (once; it does not change between
 rounds), the ``reward`` suite scores each round's reward model.
@@ -54,7 +56,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_METRIC = "reward_accuracy"
 TABLE_COLUMNS = ["trial", "n_clusters", "fraction", "label", "direction", "repeat", "seed", "objective",
-                 "reward_accuracy", "status", "rounds_done", "reward_steps", "pairs_selected", "sft_pairs",
+                 "reward_accuracy", "status", "rounds_done", "reward_steps", "pairs_selected", "train_pairs",
                  "eval_pairs", "wall_time_s", "error"]
 
 
@@ -293,34 +295,36 @@ def trial(config: dict, cfg: JobConfig, plan: dict) -> None:
     t = cfg.tune
     job = derive(plan["variants"][variant], run, n_clusters=config["n_clusters"], fraction=config["fraction"],
                  changes={"seed": cfg.seed + repeat, "train.data": "selected", "train.sft.max_steps": t.sft_steps,
-                          "train.reward.seed": plan["reward_seed"], "train.reward.init": "sft"})
+                          "train.reward.seed": plan["reward_seed"]})
     selection = run_select(job, out_name="selection")
     heldout = Path(plan["out"]) / "heldout" / (variant or "job")
-    sft_pairs = _write_pairs(run / "selected", [run / "selection"], None, job, "minus-heldout")
-    if sft_pairs == 0:
+    train_pairs = _write_pairs(run / "reward_data", [run / "selection"], heldout, job, "minus-heldout+sample")
+    if train_pairs == 0:
         raise ValueError(f"{name}: all {selection['pairs_selected']} selected pairs have held-out prompts: "
                          "nothing to train on (raise fraction or lower train.reward.eval_fraction)")
-    run_sft(job)
-    _write_pairs(run / "reward_data", [run / "selection"], heldout, job, "minus-heldout+sample")
-    metrics = {"trial": name, "pairs_selected": selection["pairs_selected"], "sft_pairs": sft_pairs,
-               "eval_pairs": mf.read_manifest(heldout)["pairs"]}
+    if needs_sft(cfg):
+        _write_pairs(run / "selected", [run / "selection"], None, job, "minus-heldout")
+        run_sft(job)
+    metrics = {"trial": name, "pairs_selected": selection["pairs_selected"], "train_pairs": train_pairs,
+               "heldout_pairs": mf.read_manifest(heldout)["pairs"]}
     sft_value = None
     for r, steps in enumerate(plan["budgets"], 1):
         rdir = run / f"reward_r{r}"
         rdir.mkdir(exist_ok=True)
         for link, target in (("selected", run / "reward_data"), ("sft", run / "sft")):
-            if not (rdir / link).is_symlink():
+            if target.exists() and not (rdir / link).is_symlink():
                 (rdir / link).symlink_to(target, target_is_directory=True)
         m = run_reward(_with(job, run_dir=str(rdir), **{"train.reward.max_steps": steps}))
         final = m.get("final", {})
-        if final.get("eval_pairs") != metrics["eval_pairs"]:
-            raise RuntimeError(f"{name}: the reward stage held out {final.get('eval_pairs')} pairs, "
-                               f"expected the {metrics['eval_pairs']} of {heldout}")
-        metrics.update(round=r, reward_steps=steps, reward_accuracy=final["eval_accuracy"])
+        if not final.get("eval_pairs"):  # TRL drops pairs longer than max_length, the same ones every trial
+            raise ValueError(f"{name}: none of the {metrics['heldout_pairs']} held-out pairs of {heldout} fits "
+                             f"train.reward.max_length={job.train.reward.max_length}")
+        metrics.update(round=r, reward_steps=steps, reward_accuracy=final["eval_accuracy"],
+                       eval_pairs=final["eval_pairs"])
         if t.metric != DEFAULT_METRIC:
             suite = t.metric.split(".")[0]
             if suite == "reward":
-                metrics[t.metric] = eval_metric(job, t.metric, run / "sft" / "merged", rdir / "reward", rdir / "eval")
+                metrics[t.metric] = eval_metric(job, t.metric, rdir / "reward" / "merged", rdir / "reward", rdir / "eval")
             else:  # the SFT model's metric: the same every round
                 sft_value = sft_value if sft_value is not None else eval_metric(
                     job, t.metric, run / "sft" / "merged", None, run / "eval")
@@ -328,9 +332,17 @@ def trial(config: dict, cfg: JobConfig, plan: dict) -> None:
         tune.report(dict(metrics))
 
 
+def needs_sft(cfg: JobConfig) -> bool:
+    """SFT serves the reward model's start (``train.reward.init: sft``) and the policy suites;
+    a reward-model objective from the base model needs none (one Ray Train run less a trial)."""
+    reward_only = cfg.tune.metric == DEFAULT_METRIC or cfg.tune.metric.startswith("reward.")
+    return cfg.train.reward.init == "sft" or not reward_only
+
+
 def _write_pairs(folder: Path, sources: list[Path], heldout: Path | None, job: JobConfig, what: str) -> int:
     """``folder/`` = the pairs of ``sources`` whose prompt is not held out (+ the held-out sample
-    when given), streamed, with a manifest: re-runs skip it and the stages keyed on it."""
+    when given), streamed, with a manifest: re-runs skip it and the stages keyed on it. Returns
+    the number of pairs outside the held-out prompts."""
     fraction, seed = job.train.reward.eval_fraction, job.train.reward.seed
     inputs = [mf.fingerprint_dir(s) for s in sources] + ([mf.fingerprint_dir(heldout)] if heldout else [])
     key = mf.stage_key(f"tune-{what}", {"fraction": fraction, "seed": seed}, inputs)
@@ -356,14 +368,15 @@ def _write_pairs(folder: Path, sources: list[Path], heldout: Path | None, job: J
     return rows
 
 
-def eval_metric(job: JobConfig, metric: str, sft_model: Path, reward_dir: Path | None, out: Path) -> float:
-    """``<suite>.<metric>`` of the SFT model (policy suites) or of ``reward_dir`` (reward suite)."""
+def eval_metric(job: JobConfig, metric: str, model: Path, reward_dir: Path | None, out: Path) -> float:
+    """``<suite>.<metric>`` of ``model`` (policy suites: the SFT model) or of the reward model in
+    ``reward_dir`` (the reward suite), with the job's ``eval:`` settings."""
     from hetray.eval.run import run_eval
 
     suite, name = metric.split(".", 1)
     eval_cfg = job.eval.model_copy(update={"suites": [suite]})
     kwargs = {"reward_model": str(reward_dir)} if reward_dir is not None else {}
-    result = run_eval({"model": str(sft_model)}, eval_cfg, out, seed=job.seed, **kwargs)
+    result = run_eval({"model": str(model)}, eval_cfg, out, seed=job.seed, **kwargs)
     values = result["model"][suite]
     if name not in values:
         raise KeyError(f"tune.metric {metric!r}: suite {suite} has no metric {name!r} "
@@ -381,7 +394,7 @@ def trial_rows(cfg: JobConfig, plan: dict, results) -> list[dict]:
         m, c = res.metrics or {}, res.config
         rounds = m.get("round", 0)
         status = "error" if res.error else ("completed" if rounds == len(plan["budgets"]) else "stopped")
-        label, _, direction = (c.get("variant") or "").partition("-")
+        label, _, direction = (c.get("variant") or "").rpartition("-")
         value = m.get(cfg.tune.metric)
         rows.append({
             "trial": m.get("trial") or Path(res.path).name, "n_clusters": c["n_clusters"], "fraction": c["fraction"],
@@ -390,7 +403,7 @@ def trial_rows(cfg: JobConfig, plan: dict, results) -> list[dict]:
             "objective": float(value) if value is not None else None,
             "reward_accuracy": m.get("reward_accuracy"), "status": status, "rounds_done": rounds,
             "reward_steps": m.get("reward_steps"), "pairs_selected": m.get("pairs_selected"),
-            "sft_pairs": m.get("sft_pairs"), "eval_pairs": m.get("eval_pairs"),
+            "train_pairs": m.get("train_pairs"), "eval_pairs": m.get("eval_pairs"),
             "wall_time_s": round(m["time_total_s"], 1) if "time_total_s" in m else None,
             "error": str(res.error).strip().splitlines()[-1][:300] if res.error else None,
         })
@@ -451,21 +464,23 @@ def plot_objective(rows: list[dict], path: Path, metric: str, mode: str) -> None
     df = df[df["objective"].notna()]
     df["variant"] = [f"{l}-{d}" if l else "" for l, d in zip(df["label"].fillna(""), df["direction"].fillna(""))] if len(df) else []
     variants = sorted(df["variant"].unique()) if len(df) else [""]
-    fig, axes = plt.subplots(1, len(variants), figsize=(5 * len(variants), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(variants), figsize=(5.5 * len(variants), 3.8), squeeze=False)
     for ax, variant in zip(axes[0], variants):
         part = df[df["variant"] == variant] if len(df) else df
         for k, g in part.groupby("n_clusters"):
             mean = g.groupby("fraction")["objective"].mean()
-            line, = ax.plot(mean.index, mean.values, marker="o", label=f"k={k}")
-            stopped = g[g["status"] == "stopped"]
-            ax.scatter(stopped["fraction"], stopped["objective"], s=80, facecolors="none", edgecolors=line.get_color())
+            line, = ax.plot(mean.index, mean.values, label=f"k={k}")
+            for status, face in (("completed", line.get_color()), ("stopped", "none")):
+                pts = g[g["status"] == status]
+                ax.scatter(pts["fraction"], pts["objective"], s=45, facecolors=face, edgecolors=line.get_color(), zorder=3)
+        ax.set_xticks(sorted(part["fraction"].unique()) if len(part) else [])
         ax.set_xlabel("fraction")
         ax.set_ylabel(f"{metric} ({mode})")
-        ax.set_title(variant or "selection settings")
+        ax.set_title(variant or "selection settings", fontsize=10)
         ax.grid(alpha=0.3)
         if len(part):
             ax.legend(fontsize=8)
-    fig.suptitle(f"hetray tune: {metric} over the searched settings (hollow: stopped early)", fontsize=9)
+    fig.suptitle(f"{metric} by fraction and k (hollow: stopped early)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

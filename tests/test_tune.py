@@ -1,5 +1,11 @@
 """hetray tune: a 2x2 grid (k x fraction) on a synthetic preference set, the tiny Llama, two
-reward budgets per trial under ASHA; and bad tune settings failing before any trial."""
+reward budgets per trial under ASHA; the held-out bookkeeping; bad tune settings failing before
+any trial.
+
+Every Ray Train run costs tens of seconds of process start-up on 2 busy cores, so the grid
+trains its reward models from the base model (``train.reward.init: base``: no SFT run per
+trial); the SFT step of a trial is the same ``run_sft`` the training tests cover.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import pytest
 
 from hetray.config import ConfigError, JobConfig
 from hetray.schema import PREFERENCE_SCHEMA, make_id
-from hetray.tune import best_row, plan_tune, run_tune
+from hetray.tune import _write_pairs, best_row, heldout_sample, is_held_out, needs_sft, plan_tune, run_tune
 
 TOPICS = ["bake bread", "learn Python", "fix a flat tyre", "save money", "sleep better", "start running",
           "write a CV", "grow tomatoes", "learn chess", "clean a laptop", "cook rice", "study for exams",
@@ -50,9 +56,9 @@ def synthetic_pairs(seed: int = 0) -> list[dict]:
     return rows
 
 
-def job(run: Path, model: str, **tune) -> JobConfig:
+def job(run: Path, model: str, init: str = "base", **tune) -> JobConfig:
     train = {"model": model, "resources": {"num_workers": 1, "cpus_per_worker": 0.45, "max_failures": 0},
-             "sft": SMALL, "reward": {**SMALL, "eval_fraction": 0.3}}
+             "sft": SMALL, "reward": {**SMALL, "eval_fraction": 0.3, "init": init}}
     return JobConfig.model_validate({
         "run_dir": str(run), "seed": 1, "convert": {"sources": SOURCES}, "ray": {"num_cpus": 2},
         "embed": {"num_gpus_per_actor": 0}, "cluster": {"n_clusters": 2, "n_init": 2},
@@ -96,6 +102,7 @@ def test_grid_2x2(root, tiny_llama):
     done = table[table["status"] == "completed"]
     assert (done["rounds_done"] == 2).all() and (done["reward_steps"] == 2).all()
     assert (table["eval_pairs"] == 12).all()  # every trial is scored on the same held-out pairs
+    assert (table["train_pairs"] < table["pairs_selected"]).all()  # held-out prompts are not trained on
     # fraction 0.5 keeps about half of what 1.0 keeps, for each k
     for k in (2, 3):
         half, full = (table[(table.n_clusters == k) & (table.fraction == f)]["pairs_selected"].item() for f in (0.5, 1.0))
@@ -123,12 +130,43 @@ def test_grid_2x2(root, tiny_llama):
         link = out / t.trial / "clusters"
         assert link.is_symlink() and link.resolve() == clusters[t.n_clusters].resolve()
         assert (out / t.trial / "embeddings").resolve() == (root / "embeddings").resolve()
-        # SFT never saw a held-out prompt; the reward model was scored on the common sample
-        sel = pq.read_table(out / t.trial / "selected" / "part-00000.parquet").to_pylist()
-        held = {r["prompt"] for r in pq.read_table(out / "heldout" / "job" / "heldout.parquet").to_pylist()}
-        assert sel and not {r["prompt"] for r in sel} & held
+        assert not (out / t.trial / "sft").exists()  # reward from the base model: no SFT needed
 
     assert (out / "objective.png").stat().st_size > 5000
+
+
+def test_heldout_sample_and_training_pairs(tmp_path):
+    """The common held-out sample: pairs of held-out prompts only, at most eval_pairs, the same on
+    a re-run; the training pairs: the selection without any held-out prompt, plus that sample."""
+    cfg = job(tmp_path, "unused")
+    (tmp_path / "preferences").mkdir()
+    pairs = synthetic_pairs()
+    pq.write_table(pa.Table.from_pylist(pairs, schema=PREFERENCE_SCHEMA), tmp_path / "preferences" / "p.parquet")
+    (tmp_path / "preferences" / "manifest.json").write_text(json.dumps({"key": "x"}))
+    held = {p["prompt"] for p, h in zip(pairs, is_held_out([p["prompt"] for p in pairs], 0.3, 1)) if h}
+    assert 0 < len(held) < 40
+
+    n = heldout_sample(cfg, tmp_path / "heldout", 5, 0.3, 1)
+    sample = pq.read_table(tmp_path / "heldout" / "heldout.parquet").to_pylist()
+    assert n == len(sample) == 5 and {r["prompt"] for r in sample} <= held
+    assert heldout_sample(cfg, tmp_path / "heldout", 5, 0.3, 1) == 5  # up to date: skipped
+    assert pq.read_table(tmp_path / "heldout" / "heldout.parquet").to_pylist() == sample
+    everything = heldout_sample(cfg, tmp_path / "all", 1000, 0.3, 1)
+    assert everything == sum(p["prompt"] in held for p in pairs)
+
+    train_cfg = cfg.model_copy(deep=True)
+    train_cfg.train.reward.seed = 1
+    rows = _write_pairs(tmp_path / "data", [tmp_path / "preferences"], tmp_path / "heldout", train_cfg, "t")
+    written = pq.read_table(tmp_path / "data" / "part-00000.parquet").to_pylist()
+    assert rows == len(written) == len(pairs) - everything and not {r["prompt"] for r in written} & held
+    assert pq.read_table(tmp_path / "data" / "heldout.parquet").to_pylist() == sample
+
+
+def test_sft_only_when_something_needs_it(tmp_path):
+    assert not needs_sft(job(tmp_path, "m", init="base"))
+    assert needs_sft(job(tmp_path, "m", init="sft"))
+    assert not needs_sft(job(tmp_path, "m", init="base", metric="reward.accuracy"))
+    assert needs_sft(job(tmp_path, "m", init="base", metric="winobias.bias"))
 
 
 def test_best_row_prefers_completed_trials():
