@@ -251,8 +251,8 @@ def _fit(cfg: JobConfig, plan: dict):
         scheduler = ASHAScheduler(max_t=t.rounds, grace_period=1, reduction_factor=2)
     storage = Path(plan["out"]) / "ray"
     shutil.rmtree(storage / "search", ignore_errors=True)  # trial stages resume from their manifests
-    log.info("tune: %s search, %s, up to %d trial(s) at once, reward budgets %s", t.search, t.scheduler,
-             plan["concurrent"], plan["budgets"])
+    log.info("tune: %s search, %s, up to %d trial(s) at once, reward budgets %s", t.search,
+             type(scheduler).__name__, plan["concurrent"], plan["budgets"])
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(trial, cfg=cfg, plan=plan), {"CPU": t.trial_cpus}),
         param_space=search_space(cfg, plan),
@@ -509,7 +509,7 @@ def cli(args) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         best = run_tune(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"hetray tune: error: {e}", flush=True)
         return 2
     out = Path(cfg.run_dir) / "tune"

@@ -21,7 +21,7 @@ import pytest
 
 from hetray.config import ConfigError, JobConfig
 from hetray.schema import PREFERENCE_SCHEMA, make_id
-from hetray.tune import _write_pairs, best_row, heldout_sample, is_held_out, needs_sft, plan_tune, run_tune
+from hetray.tune import _write_pairs, best_row, eval_metric, heldout_sample, is_held_out, needs_sft, plan_tune, run_tune
 
 TOPICS = ["bake bread", "learn Python", "fix a flat tyre", "save money", "sleep better", "start running",
           "write a CV", "grow tomatoes", "learn chess", "clean a laptop", "cook rice", "study for exams",
@@ -169,6 +169,25 @@ def test_sft_only_when_something_needs_it(tmp_path):
     assert needs_sft(job(tmp_path, "m", init="base", metric="winobias.bias"))
 
 
+def test_eval_metric_asks_run_eval_for_one_suite(tmp_path, monkeypatch):
+    import hetray.eval.run
+
+    calls = []
+
+    def fake_run_eval(models, eval_cfg, out_dir, seed=0, reward_model=None):
+        calls.append((models, eval_cfg.suites, reward_model))
+        return {"model": {eval_cfg.suites[0]: {"bias": 0.25, "accuracy": 0.5}}}
+
+    monkeypatch.setattr(hetray.eval.run, "run_eval", fake_run_eval)
+    cfg = job(tmp_path, "m")
+    assert eval_metric(cfg, "winobias.bias", tmp_path / "sft" / "merged", None, tmp_path / "e") == 0.25
+    assert calls[-1] == ({"model": str(tmp_path / "sft" / "merged")}, ["winobias"], None)
+    assert eval_metric(cfg, "reward.accuracy", tmp_path / "r" / "merged", tmp_path / "r", tmp_path / "e") == 0.5
+    assert calls[-1][1:] == (["reward"], str(tmp_path / "r"))
+    with pytest.raises(KeyError, match="suite winobias has no metric 'bais' .it reports accuracy, bias."):
+        eval_metric(cfg, "winobias.bais", tmp_path, None, tmp_path / "e")
+
+
 def test_best_row_prefers_completed_trials():
     rows = [{"objective": 0.9, "status": "stopped"}, {"objective": 0.6, "status": "completed"},
             {"objective": 0.7, "status": "completed"}, {"objective": None, "status": "error"}]
@@ -190,8 +209,10 @@ def test_bad_tune_section_is_refused_on_load(tmp_path, tune, message):
 
 
 def test_bad_plan_fails_before_any_trial(tmp_path, ray_local):
-    with pytest.raises(ConfigError, match="tune.metric 'reward_acc' is not known"):
-        plan_tune(job(tmp_path, "unused", metric="reward_acc"))
+    for metric in ("reward_acc", "winobias", "nosuch.bias"):
+        with pytest.raises(ConfigError, match=f"tune.metric '{metric}' is not known"):
+            plan_tune(job(tmp_path, "unused", metric=metric))
+    plan_tune(job(tmp_path, "unused", metric="winobias.bias"))  # a known suite: accepted
     with pytest.raises(ConfigError, match="tune.label_source 'oasst' is not a source"):
         plan_tune(job(tmp_path, "unused", labels=["toxicity"], label_source="oasst"))
     with pytest.raises(ConfigError, match="has no quality label"):
@@ -205,7 +226,8 @@ def test_bad_plan_fails_before_any_trial(tmp_path, ray_local):
     assert not (tmp_path / "tune").exists()  # nothing was started
 
 
-def test_too_many_clusters_fail_before_any_trial(root, tiny_llama):
+@pytest.mark.slow  # embeds the prompts first
+def test_too_many_clusters_fail_before_any_trial(root):
     with pytest.raises(ConfigError, match=r"tune.n_clusters: \[500\] > the 40 distinct prompts"):
-        run_tune(job(root, tiny_llama, n_clusters=[2, 500]))
+        run_tune(job(root, "unused", n_clusters=[2, 500]))
     assert not any((root / "tune").glob("k500-*"))
