@@ -116,3 +116,13 @@ def test_bad_inputs_fail_clearly(converted, tmp_path):
     for bad in ("0", "1.5", "-1"):
         with pytest.raises(ConfigError, match="select.fraction"):
             load_config(job, [f"select.fraction={bad}"])
+
+
+def test_sources_keeps_only_the_named_sources(converted):
+    m = run_select(cfg(converted, sources=["wg"]), out_name="selected_wg")
+    sel = table(converted / "selected_wg")
+    n_wg = sum(1 for s in table(converted / "preferences").column("source").to_pylist() if s == "wg")
+    assert set(sel.column("source").to_pylist()) == {"wg"}
+    assert m["pairs_in"] == n_wg and sel.num_rows == int(n_wg * 0.5 + 0.5)
+    with pytest.raises(ValueError, match="select.sources: nope not in"):
+        run_select(cfg(converted, sources=["nope"]), out_name="selected_nope")

@@ -87,15 +87,16 @@ def snapshot(folder: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_grid_2x2(root, tiny_llama):
-    cfg = job(root, tiny_llama)
+def test_grid_two_k(root, tiny_llama):
+    # two trials (k = 2 and 3, fraction 0.5): every Ray Train start costs 40-100 s on 2 busy cores
+    cfg = job(root, tiny_llama, fraction=[0.5])
     embeddings = snapshot(root / "embeddings")
     best = run_tune(cfg)
     out = root / "tune"
 
     table = pd.read_csv(out / "trials.csv")
-    assert len(table) == 4
-    assert set(zip(table["n_clusters"], table["fraction"])) == {(2, 0.5), (2, 1.0), (3, 0.5), (3, 1.0)}
+    assert len(table) == 2
+    assert set(zip(table["n_clusters"], table["fraction"])) == {(2, 0.5), (3, 0.5)}
     assert table["objective"].map(math.isfinite).all() and table["objective"].between(0, 1).all()
     assert (table["objective"] == table["reward_accuracy"]).all()  # the default objective
     assert set(table["status"]) <= {"completed", "stopped"} and (table["status"] == "completed").any()
@@ -103,10 +104,8 @@ def test_grid_2x2(root, tiny_llama):
     assert (done["rounds_done"] == 2).all() and (done["reward_steps"] == 2).all()
     assert (table["eval_pairs"] == 12).all()  # every trial is scored on the same held-out pairs
     assert (table["train_pairs"] < table["pairs_selected"]).all()  # held-out prompts are not trained on
-    # fraction 0.5 keeps about half of what 1.0 keeps, for each k
-    for k in (2, 3):
-        half, full = (table[(table.n_clusters == k) & (table.fraction == f)]["pairs_selected"].item() for f in (0.5, 1.0))
-        assert full == len(synthetic_pairs()) and abs(half - full / 2) <= 3
+    # fraction 0.5 keeps about half of the pairs, for each k
+    assert (abs(table["pairs_selected"] - len(synthetic_pairs()) / 2) <= 3).all()
     assert json.loads((out / "trials.json").read_text())[0].keys() >= {"trial", "objective", "status", "wall_time_s"}
 
     # best.json: the best completed trial of the table
@@ -115,7 +114,7 @@ def test_grid_2x2(root, tiny_llama):
     assert best["objective"] == pytest.approx(top["objective"])
     assert best["objective"] == pytest.approx(done["objective"].max())
     assert best["settings"] == {"n_clusters": int(top["n_clusters"]), "fraction": float(top["fraction"])}
-    assert best["trials"] == 4 and best["max_concurrent_trials"] == 4
+    assert best["trials"] == 2 and best["max_concurrent_trials"] == 4  # floor(2 CPUs / (0.45 + 0.05))
 
     # shared stages: embeddings untouched, clusters once per k (the job's k in clusters/, k=3 in shared/k3)
     assert snapshot(root / "embeddings") == embeddings
