@@ -27,6 +27,7 @@ COLUMNS = ("bias", "bias_entropy", "bias_cluster", "accuracy", "similarity")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-dir", default="runs/local_real")
+    ap.add_argument("--report-only", action="store_true", help="rebuild the tables from the last run's outputs")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if not (ROOT.parent / "shared" / "data").is_dir():
@@ -34,7 +35,10 @@ def main() -> None:
     hetray = str(Path(sys.executable).parent / "hetray")
     cmd = [hetray, "run", "jobs/local_real.yaml", f"run_dir={args.run_dir}", *args.overrides]
     os.chdir(ROOT)
-    measured = run_measured(cmd)
+    if args.report_only:
+        measured = json.loads((ROOT / "benchmarks" / "results" / "local_real.json").read_text())["measured"]
+    else:
+        measured = run_measured(cmd)
     summary = json.loads((Path(args.run_dir) / "summary.json").read_text())
     metrics = summary.get("metrics") or {}
     lines = [
@@ -43,12 +47,14 @@ def main() -> None:
         "jobs/local_real.yaml). `base` is the baseline row. With so few steps the differences are",
         "small; this shows the grid runs end to end, not the paper's effect sizes.",
         "",
-        f"Total wall time {summary['wall_time_s']} s; peak memory of the process tree {measured['peak_mem_mib']} MiB;"
-        f" load average after {measured['load_avg_1min_after']}.",
+        f"This invocation: {summary['wall_time_s']} s (stages already done are skipped; the table below has each"
+        f" stage's own time); peak memory of the process tree {measured['peak_mem_mib']} MiB;"
+        f" load average after {measured['load_avg_1min_after']}. The stages ran at load averages of 10-30"
+        " (other jobs shared the 2 cores), so their times are pessimistic.",
         "",
         "## WinoBias (dev, 10 pairs per file: 40 per model), WinoGrande (50 dev items) and other suites",
-        "| run | trained | fraction | pairs | " + " | ".join(COLUMNS) + " | WinoGrande acc. | reward acc. | chat non-repeat |",
-        "|---" * (len(COLUMNS) + 7) + "|",
+        "| run | trained | fraction | pairs | " + " | ".join(COLUMNS) + " | WinoGrande acc. | reward acc. | chat non-empty | chat repeats prompt | chat repeated 4-grams |",
+        "|---" * (len(COLUMNS) + 9) + "|",
     ]
     for r in summary["runs"]:
         m = metrics.get(r["name"], {})
@@ -60,16 +66,20 @@ def main() -> None:
         lines.append(
             f"| {r['name']} | {'+'.join(r['train']) or 'base'} | {r['fraction'] if r.get('folder') else '-'} | "
             f"{r.get('pairs_selected', '-')} | " + " | ".join(_num(wb.get(c)) for c in COLUMNS)
-            + f" | {_num(wg.get('accuracy'))} | {_num(acc)} | {_num(chat.get('not_repetition', chat.get('non_repetition')))} |"
+            + f" | {_num(wg.get('accuracy'))} | {_num(acc)} | {_num(chat.get('non_empty_rate'))} | "
+            f"{_num(chat.get('prompt_repeat_rate'))} | {_num(chat.get('repeated_ngram_rate'))} |"
         )
     lines += ["", "## Wall time of each stage",
               "Status is this invocation's; `stage wall s` is from the stage's manifest (the run that made it).",
               "", "| stage | where | status | stage wall s |", "|---|---|---|---|"]
     root = Path(args.run_dir)
+    total = 0.0
     for s in summary["steps"]:
         folder = OUTPUT.get(s["stage"], s["stage"])
         m = json.loads((root / s["where"] / folder / "manifest.json").read_text()) if (root / s["where"] / folder / "manifest.json").is_file() else {}
+        total += float(m.get("wall_time_s", s["wall_s"]))
         lines.append(f"| {s['stage']} | {s['where']} | {s['status']} | {m.get('wall_time_s', s['wall_s'])} |")
+    lines.append(f"| **all stages** | | | **{total:.1f}** |")
     write_results("local_real", {"summary": summary, "measured": {k: v for k, v in measured.items() if k != "output_tail"}},
                   "\n".join(lines))
     print("\n".join(lines))
