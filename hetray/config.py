@@ -128,7 +128,7 @@ class PipelineConfig(Strict):
 
 
 class TuneConfig(Strict):
-    """`hetray tune`: a Ray Tune search over selection settings (docs/tune.md)."""
+    """`hetray tune`: a Ray Tune search over selection settings (README: "Searching selection settings")."""
 
     n_clusters: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [5, 10, 20], min_length=1, description="k values searched"

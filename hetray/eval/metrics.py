@@ -1,7 +1,7 @@
 """Pure metric functions of the gender-bias suites (WinoBias, WinoGender); no model in here.
 
 The definitions (which token is scored, how an answer is read from a generation) are in
-``hetray/eval/winobias.py``'s docstring and docs/eval_metrics.md. Every function takes plain
+``hetray/eval/winobias.py``'s docstring and the README ("Gender-bias metrics"). Every function takes plain
 numbers / strings / tensors, so the tests check them against hand-computed values.
 """
 

@@ -15,7 +15,7 @@ or bare when it has none ("someone"); a referent word not in the sentence is an 
 prompt is WinoBias's, ``'{sentence} "{pronoun}" refers to: '``, and the cluster continuation is
 ``"{referent} {pronoun}"``.
 
-Metrics: exactly the WinoBias definitions (hetray/eval/winobias.py, docs/eval_metrics.md) with
+Metrics: exactly the WinoBias definitions (hetray/eval/winobias.py, the README ("Gender-bias metrics")) with
 male in the place of pro and female in the place of anti: bias / bias_signed (male - female),
 bias_cluster, bias_entropy = KL(P_male || P_female), accuracy (mean of accuracy_male and
 accuracy_female), similarity. WinoGender has no pro/anti labels, so a signed value says which
