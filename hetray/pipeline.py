@@ -77,7 +77,8 @@ class Pipeline:
     def step(self, stage: str, where: Path, fn, *args, out: Path | None = None) -> dict | None:
         """Run one stage; record whether it ran or was skipped (its manifest unchanged)."""
         out = out or where / stage
-        before = (mf.read_manifest(out) or {}).get("created"), (mf.read_manifest(out) or {}).get("key")
+        old = mf.read_manifest(out) or {}
+        before = old.get("created"), old.get("key")
         label = where.relative_to(self.root).as_posix() if where != self.root else "."
         log.info("[hetray run] %s (%s)", stage, label)
         started = time.time()

@@ -60,15 +60,11 @@ def _link(target: Path, link: Path) -> None:
 
 def _with(cfg, **changes):
     """A copy of a job config with dotted changes (validated like a job file)."""
-    from hetray.config import JobConfig
+    from hetray.config import JobConfig, _set_dotted
 
     data = cfg.model_dump(mode="json")
     for dotted, value in changes.items():
-        node = data
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[last] = value
+        _set_dotted(data, dotted, value)
     return JobConfig.model_validate(data)
 
 
