@@ -131,7 +131,7 @@ def bench_encode(prompts: list[str], batch_size: int, device: str) -> dict:
 
 def bench_hetray(run_dir: Path, batch_size: int, actors: int, cpus: float, gpus) -> dict:
     from hetray.config import JobConfig
-    from hetray.embed import run_embed
+    from hetray.selection.embed import run_embed
 
     cfg = JobConfig.model_validate({
         "run_dir": str(run_dir),

@@ -127,7 +127,7 @@ def inertia(x: np.ndarray, centroids: np.ndarray) -> float:
 
 
 def run_hetray(ds, cfg) -> dict:
-    from hetray.kmeans import fit_kmeans
+    from hetray.selection.kmeans import fit_kmeans
 
     with Peak(trace=True) as p:
         res = fit_kmeans(ds, cfg["k"], n_init=cfg["n_init"], max_iter=cfg["max_iter"], sample_size=SAMPLE, column="data")

@@ -93,10 +93,10 @@ select: {{fraction: 0.4}}
 SELECT = textwrap.dedent(
     """
     import sys
-    import hetray.embed
-    hetray.embed.run_embed = lambda cfg, force=False: None  # vectors are synthetic
+    import hetray.selection.embed
+    hetray.selection.embed.run_embed = lambda cfg, force=False: None  # vectors are synthetic
     from hetray.config import load_config
-    from hetray.select import run_select
+    from hetray.selection.select import run_select
     m = run_select(load_config(sys.argv[1]), force=True)
     print("SELECTED", m["pairs_selected"], "OF", m["pairs_in"])
     """

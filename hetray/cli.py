@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from hetray.config import ConfigError, load_config
-from hetray.sources.readers import InputError
+from hetray.unify.sources.readers import InputError
 
 TRAIN_STAGES = ("sft", "reward", "ppo", "rloo", "dpo")
 
@@ -61,7 +61,7 @@ def make_parser() -> argparse.ArgumentParser:
     eval_arguments(ev)
 
     tu = sub.add_parser("tune", help="Ray Tune search over selection settings (n_clusters, fraction, label)")
-    from hetray.tune import add_arguments as tune_arguments
+    from hetray.orchestrate.tune import add_arguments as tune_arguments
 
     tune_arguments(tu)
 
@@ -76,8 +76,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def _convert(cfg, force: bool) -> None:
-    from hetray.convert import run_convert
-    from hetray.summary import format_run_summary, summarize_run
+    from hetray.unify.convert import run_convert
+    from hetray.unify.summary import format_run_summary, summarize_run
 
     run_convert(cfg, force=force)
     print(format_run_summary(summarize_run(cfg.run_dir)))
@@ -85,17 +85,17 @@ def _convert(cfg, force: bool) -> None:
 
 def _stage(name: str, cfg, force: bool) -> None:
     if name == "embed":
-        from hetray.embed import run_embed
+        from hetray.selection.embed import run_embed
 
         m = run_embed(cfg, force=force)
         print(f"embeddings: {m.get('distinct_prompts', m.get('prompts'))} prompts -> {cfg.run_dir}/embeddings")
     elif name == "cluster":
-        from hetray.cluster import run_cluster
+        from hetray.selection.clustering import run_cluster
 
         m = run_cluster(cfg, force=force)
         print(f"clusters: k={cfg.cluster.n_clusters} inertia {m.get('inertia')} sizes {m.get('sizes')}")
     else:
-        from hetray.select import run_select
+        from hetray.selection.select import run_select
 
         m = run_select(cfg, force=force)
         print(
@@ -126,11 +126,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return eval_cli(args)
         if args.command == "tune":
-            from hetray.tune import cli as tune_cli
+            from hetray.orchestrate.tune import cli as tune_cli
 
             return tune_cli(args)
         if args.command == "inspect":
-            from hetray.summary import inspect
+            from hetray.unify.summary import inspect
 
             print(inspect(args.path))
         elif args.command == "convert":
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train":
             _train(args.stage, load_config(args.config, args.overrides), args.force)
         elif args.command == "run":
-            from hetray.pipeline import format_summary, run_pipeline
+            from hetray.orchestrate.pipeline import format_summary, run_pipeline
 
             cfg = load_config(args.config, args.overrides)
             summary = run_pipeline(cfg, args.force)

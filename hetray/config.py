@@ -19,8 +19,8 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from hetray.eval.config import EvalConfig
-from hetray.sources import ADAPTERS
-from hetray.sources.base import Strict
+from hetray.unify.sources import ADAPTERS
+from hetray.settings import Strict
 from hetray.train.config import TrainConfig
 
 SourceConfig = Annotated[

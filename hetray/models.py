@@ -1,4 +1,7 @@
-"""Model names -> something transformers / sentence-transformers can load.
+"""Every model and tokenizer load of hetray, and the bundled samples (``sample:NAME``).
+
+One pad-token rule for every stage and suite (``_with_pad``): a tokenizer without a pad token
+pads with its EOS token, and the model's config and generation config learn that id.
 
 Two models are bundled so that the pipeline runs with no network:
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -33,6 +37,10 @@ from pathlib import Path
 from huggingface_hub.errors import HFValidationError
 
 log = logging.getLogger(__name__)
+
+SAMPLES = Path(__file__).parent / "samples"
+SAMPLE_PREFIX = "sample:"
+CAUSAL, SEQ_CLS = "causal", "seq_cls"  # the two model heads: an LM, a one-label scorer (reward / value)
 
 DEFAULT_LLM = "smollm2-135m-instruct"
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"
@@ -134,23 +142,86 @@ def _is_hub_id(name: str) -> bool:
     return name not in _PACKAGES and not os.path.exists(name)
 
 
-def load_causal_lm(name: str = DEFAULT_LLM, dtype=None):
-    """(model, tokenizer) ready to train: plain float weights, a pad token, a generation config."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def resolve_sample(path: str) -> str:
+    """``sample:NAME`` -> the bundled sample file or folder; any other path as is."""
+    if path.startswith(SAMPLE_PREFIX):
+        return str(SAMPLES / path[len(SAMPLE_PREFIX):])
+    return path
+
+
+def _with_pad(tokenizer, model=None):
+    """The one pad-token rule: pad with EOS when the tokenizer has no pad token."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model is not None:
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and gen.pad_token_id is None:
+            gen.pad_token_id = tokenizer.pad_token_id
+    return tokenizer
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of a model (bundled alias, folder or hub id), with a pad token."""
+    from transformers import AutoTokenizer
 
     path = resolve_llm(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, **({"dtype": dtype} if dtype else {}))
+        return _with_pad(AutoTokenizer.from_pretrained(path))
     except _HUB_ERRORS as e:
         if _is_hub_id(name):
             raise _not_found(name, e) from e
         raise
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def load_model(name: str, head: str = CAUSAL, dtype=None):
+    """A causal LM (``CAUSAL``) or a one-label sequence classifier (``SEQ_CLS``: the reward and
+    value head) from a bundled alias, a folder or a hub id; pad token set from its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = resolve_llm(name)
+    kwargs = {"dtype": dtype} if dtype else {}
+    try:
+        if head == SEQ_CLS:
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except _HUB_ERRORS as e:
+        if _is_hub_id(name):
+            raise _not_found(name, e) from e
+        raise
+    _with_pad(load_tokenizer(name), model)
+    return model
+
+
+def load_causal_lm(name: str = DEFAULT_LLM, dtype=None):
+    """(model, tokenizer) of a causal LM; a LoRA adapter folder is merged onto its base."""
+    adapter = Path(name) / "adapter_config.json"
+    if not adapter.is_file():
+        return load_model(name, CAUSAL, dtype), load_tokenizer(name)
+    from peft import PeftModel
+
+    base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{adapter}: no base_model_name_or_path, so the adapter's base model is unknown")
+    log.info("merging LoRA adapter %s onto its base %s", name, base)
+    model = PeftModel.from_pretrained(load_model(base, CAUSAL, dtype), name).merge_and_unload()
+    has_own = any((Path(name) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = load_tokenizer(name if has_own else base)  # the adapter's own (e.g. a new pad)
+    _with_pad(tokenizer, model)
     return model, tokenizer
+
+
+def linear_module_names(name: str) -> list[str]:
+    """Names (last component) of every Linear layer, from the config on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(resolve_llm(name))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
 
 
 def load_embedder(name: str = DEFAULT_EMBEDDER, device=None):

@@ -12,15 +12,18 @@ Every stage reads and writes these, and nothing else:
 * ``REJECT_SCHEMA``: every input record that did not become a pair or an SFT row, with where it
   came from and why. Nothing is dropped silently.
 
-The adapters in ``hetray.sources`` produce plain dicts; ``OUTPUT_SCHEMA`` is the union that
+The adapters in ``hetray.unify.sources`` produce plain dicts; ``OUTPUT_SCHEMA`` is the union that
 travels through Ray Data before the writer splits it into the three tables by ``kind``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 PAIR, SFT, REJECT = "pair", "sft", "reject"
 
@@ -177,11 +180,6 @@ def item(group: str, file: str, line: int, record_id: str, data: dict) -> dict:
     }
 
 
-def to_output_table(rows: list[dict]) -> pa.Table:
-    """Adapter dicts -> an OUTPUT_SCHEMA table (missing keys are null)."""
-    return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
-
-
 def split_output(table: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
     """An OUTPUT_SCHEMA table -> (preferences, sft_only, rejects), each in its own schema."""
     import pyarrow.compute as pc
@@ -219,3 +217,22 @@ ASSIGNMENT_SCHEMA = pa.schema(
 def prompt_id(prompt: str) -> str:
     """The id of a prompt's text: identical prompts share it (and are embedded once)."""
     return make_id(prompt)
+
+
+# ---------------------------------------------------------------------------- reading a folder
+
+
+def parquet_files(path: str | os.PathLike) -> list[str]:
+    """The Parquet files of a stage folder (recursively), or the file itself."""
+    path = Path(path)
+    if path.is_file():
+        return [str(path)]
+    return sorted(str(p) for p in path.rglob("*.parquet"))
+
+
+def read_table(folder: str | os.PathLike, columns: list[str]) -> pa.Table:
+    """Some columns of every Parquet file in ``folder`` (empty string columns when none)."""
+    files = parquet_files(folder)
+    if not files:
+        return pa.table({c: pa.array([], pa.string()) for c in columns})
+    return pa.concat_tables(pq.read_table(f, columns=columns) for f in files)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from hetray.sources.base import Strict
+from hetray.settings import Strict
 
 SUITES = ("winobias", "winogender", "winogrande", "reward", "chat")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from hetray import manifest as mf
+from hetray import stage as mf
 from hetray.train import common
 
 

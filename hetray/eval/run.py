@@ -197,7 +197,7 @@ class _Pool:
             import ray
 
             from hetray.config import RayConfig
-            from hetray.ray_utils import init_ray
+            from hetray.orchestrate.ray_init import init_ray
 
             init_ray(RayConfig())
             # Ray leaves every GPU visible to an actor that asked for none: pin the device
@@ -333,7 +333,7 @@ def write_records(records: list[dict], folder: Path, suite: str) -> Path:
 
 def _write(out: Path, models, cfg: EvalConfig, seed, extra, rewards, metrics, records, wall, groups, started) -> dict:
     from hetray.eval.report import write_report
-    from hetray.manifest import versions
+    from hetray.stage import versions
 
     out.mkdir(parents=True, exist_ok=True)
     paths = {"records": {s: str(write_records(recs, out / "records", s)) for s, recs in records.items()}}
@@ -421,7 +421,7 @@ def cli(args) -> int:
     import sys
 
     from hetray.config import ConfigError
-    from hetray.sources.readers import InputError
+    from hetray.unify.sources.readers import InputError
 
     try:
         models = parse_models(args.models)

@@ -75,7 +75,7 @@ import urllib.request
 from pathlib import Path
 
 from hetray.eval import metrics
-from hetray.sources.winobias import parse_line
+from hetray.unify.sources.winobias import parse_line
 
 HUB_URL = "https://raw.githubusercontent.com/uclanlp/corefBias/master/WinoBias/wino/data/"
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"

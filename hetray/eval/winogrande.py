@@ -20,7 +20,7 @@ import logging
 
 import orjson
 
-from hetray.sources.readers import InputError, iter_records
+from hetray.unify.sources.readers import InputError, iter_records
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ SAMPLES_PREFIX = "sample:"
 def resolve_path(path: str) -> str:
     """``sample:NAME`` -> the bundled sample; anything else as is."""
     if path.startswith(SAMPLES_PREFIX):
-        from hetray.convert import SAMPLES
+        from hetray.unify.convert import SAMPLES
 
         return str(SAMPLES / path[len(SAMPLES_PREFIX):])
     return path

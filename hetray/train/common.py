@@ -33,9 +33,9 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hetray import manifest as mf
+from hetray import stage as mf
 from hetray.schema import make_id, prompt_id
-from hetray.summary import parquet_files
+from hetray.unify.summary import parquet_files
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ def _use_gpu(setting) -> bool:
 def plan_stage(cfg, stage: str, settings, model: str, head: str, upstream: list[Path] = (),
                extra: dict | None = None, extra_inputs: list[Path] = ()) -> tuple[StageJob, str, dict, list]:
     """The job, its manifest key, the config it hashes and the input fingerprints."""
-    from hetray.ray_utils import init_ray
+    from hetray.orchestrate.ray_init import init_ray
 
     data = pairs_dir(cfg)
     for up in upstream:

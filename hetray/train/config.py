@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field
 
 from hetray.models import DEFAULT_LLM
-from hetray.sources.base import Strict
+from hetray.settings import Strict
 
 
 class LoraSettings(Strict):

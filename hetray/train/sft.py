@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hetray.summary import parquet_files
+from hetray.unify.summary import parquet_files
 from hetray.train import common
 
 

@@ -1,0 +1,365 @@
+"""Stage 1, convert: every source -> the unified preference format, on Ray Data.
+
+``run_convert(cfg)`` reads each configured source, runs its adapter (``hetray.unify.sources``) and
+writes into ``cfg.run_dir``::
+
+    preferences/   pairs (PREFERENCE_SCHEMA), + manifest.json: counts, config, input fingerprints
+    sft_only/      prompts with a single reference answer (SFT_SCHEMA)
+    rejects/       every input record that gave nothing, with file, line and reason
+
+Per source the pipeline is ``read -> parse (map_batches) -> [groupby(group) -> combine] ->
+write``. The shuffle only runs for adapters whose groups span input records (flat OASST
+messages, WinoBias pro/anti files); it is Ray's external shuffle, so replies of one prompt may
+sit in different files and memory stays bounded. The writer splits each block by kind into the
+three folders and returns counts, so accounting costs no second pass.
+
+Outputs are written into a temporary folder and moved into place only when the whole stage has
+succeeded: a failed run never leaves half an output behind, nor destroys the previous one.
+"""
+
+from __future__ import annotations
+
+import pickle
+import logging
+import os
+import shutil
+import time
+import uuid
+import zlib
+from collections import defaultdict
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.data.datasource import Datasink
+
+from hetray import stage as mf
+from hetray.config import JobConfig
+from hetray.schema import (
+    FLOW_SCHEMA,
+    ITEM,
+    OUTPUT_SCHEMA,
+    PAIR,
+    PREFERENCE_SCHEMA,
+    REJECT,
+    REJECT_SCHEMA,
+    SFT,
+    SFT_SCHEMA,
+    split_output,
+)
+from hetray.unify.sources import adapter_for
+from hetray.unify.sources.readers import InputError, expand_paths, make_datasource, peek_record
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = {"preferences": PREFERENCE_SCHEMA, "sft_only": SFT_SCHEMA, "rejects": REJECT_SCHEMA}
+SAMPLES = Path(__file__).parent / "samples"
+
+
+# ---------------------------------------------------------------------------- pure batch logic
+
+
+def _combine_local(adapter, s, records: list[dict]) -> list[dict]:
+    """Outputs of ``records``; items are grouped within this list (no shuffle needed)."""
+    out, groups = [], defaultdict(list)
+    for rec in records:
+        (groups[rec["group"]] if rec["kind"] == ITEM else out).append(rec)
+    for key in sorted(groups):
+        out.extend(adapter.combine(groups[key], s))
+    return out
+
+
+def parse_batch(batch: pa.Table, adapter, s, shuffle: bool, index: int = 0, n_buckets: int = 1) -> pa.Table:
+    """RAW_SCHEMA batch -> OUTPUT_SCHEMA (no shuffle) or FLOW_SCHEMA + ``bucket`` (items await
+    the shuffle).
+
+    Group keys are prefixed with the source's ``index`` so that every source that needs a
+    shuffle shares one group-by (one shuffle for the stage, not one per source). The shuffle
+    groups by ``bucket`` (a hash of the group key), not by the group itself: a bucket holds
+    many groups, so the per-call overhead of ``map_groups`` is paid per thousand records, not
+    per OASST tree.
+    """
+    records = [rec for row in batch.to_pylist() for rec in adapter.parse(row, s)]
+    if not shuffle:
+        return pa.Table.from_pylist(_combine_local(adapter, s, records), schema=OUTPUT_SCHEMA)
+    buckets = []
+    for rec in records:
+        if rec["kind"] == ITEM:
+            rec["data"] = pickle.dumps(rec["data"], protocol=pickle.HIGHEST_PROTOCOL)
+            key = rec["group"]
+        else:  # already final (a reject): travels through the shuffle, combine passes it on
+            key = rec.get("record_id") or ""
+        rec["group"] = f"{index}\x1f{key}"
+        buckets.append(zlib.crc32(rec["group"].encode("utf-8", "surrogatepass")) % n_buckets)
+    table = pa.Table.from_pylist(records, schema=FLOW_SCHEMA)
+    return table.append_column("bucket", pa.array(buckets, pa.int32()))
+
+
+def combine_bucket(bucket: pa.Table, plans: dict) -> pa.Table:
+    """All FLOW rows of one bucket -> OUTPUT_SCHEMA rows, each group combined by its source's
+    adapter. ``plans``: source index -> (adapter, settings)."""
+    by_source = defaultdict(list)
+    for rec in bucket.drop_columns(["bucket"]).to_pylist():
+        index, rec["group"] = rec["group"].split("\x1f", 1)
+        if rec["kind"] == ITEM:
+            rec["data"] = pickle.loads(rec["data"])
+        by_source[int(index)].append(rec)
+    out = []
+    for index in sorted(by_source):
+        adapter, s = plans[index]
+        out.extend(_combine_local(adapter, s, by_source[index]))
+    return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+class SplitParquetSink(Datasink):
+    """Ray Data sink: each block is split by ``kind`` into the three output folders.
+
+    Each write task streams its blocks into at most one Parquet file per folder and returns
+    its counts per source; ``on_write_complete`` adds them up on the driver in ``counts``.
+    """
+
+    def __init__(self, root: str):
+        self.root = root
+        self.counts: dict = {}
+
+    def write(self, blocks, ctx) -> dict:
+        writers: dict = {}
+        counts: dict = {}
+        name = f"part-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
+        try:
+            for block in blocks:
+                table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
+                _tally(table, counts)
+                for folder, part in zip(OUTPUTS, split_output(table)):
+                    if part.num_rows == 0:
+                        continue
+                    if folder not in writers:
+                        path = os.path.join(self.root, folder, name)
+                        writers[folder] = pq.ParquetWriter(path, OUTPUTS[folder])
+                    writers[folder].write_table(part)
+        finally:
+            for w in writers.values():
+                w.close()
+        return counts
+
+    def on_write_complete(self, write_result) -> None:
+        for part in write_result.write_returns:
+            _merge(self.counts, part)
+
+
+def _tally(table: pa.Table, counts: dict) -> None:
+    for row in table.select(["kind", "source", "reason", "provenance"]).to_pylist():
+        c = counts.setdefault(row["source"], _empty_counts())
+        if row["kind"] == REJECT:
+            c["rejected"] += 1
+            c["reasons"][row["reason"]] = c["reasons"].get(row["reason"], 0) + 1
+        else:
+            c["pairs" if row["kind"] == PAIR else "sft"] += 1
+            c["used"] += len(row["provenance"])
+
+
+def _empty_counts() -> dict:
+    return {"pairs": 0, "sft": 0, "used": 0, "rejected": 0, "reasons": {}}
+
+
+def _merge(into: dict, part: dict) -> None:
+    for source, c in part.items():
+        t = into.setdefault(source, _empty_counts())
+        for k in ("pairs", "sft", "used", "rejected"):
+            t[k] += c[k]
+        for reason, n in c["reasons"].items():
+            t["reasons"][reason] = t["reasons"].get(reason, 0) + n
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+def resolve_files(path: str | list[str]) -> list[str]:
+    """Local files of a source path; ``sample:NAME`` points into the bundled samples."""
+    paths = [path] if isinstance(path, str) else list(path)
+    local = [str(SAMPLES / p[len("sample:"):]) if p.startswith("sample:") else p for p in paths]
+    return expand_paths(local)
+
+
+def _hub_error(name: str, split: str, cause: Exception) -> InputError:
+    return InputError(
+        f"could not load the Hugging Face dataset {name!r} (split {split!r}): the hub is "
+        f"not reachable from here or the dataset does not exist. Download it and give a local "
+        f"path instead. Cause: {type(cause).__name__}: {cause}"
+    )
+
+
+def hub_spec(spec: str) -> tuple[str, str, str | None]:
+    """``hf:ORG/NAME[:SPLIT[:CONFIG]]`` -> (name, split, config), e.g.
+    ``hf:allenai/winogrande:train:winogrande_xl``."""
+    name, _, rest = spec[len("hf:"):].partition(":")
+    split, _, config = rest.partition(":")
+    return name, split or "train", config or None
+
+
+def _check_hub(spec: str) -> None:
+    """Fail before any work when a hub dataset cannot be reached (e.g. offline)."""
+    name, split, config = hub_spec(spec)
+    try:
+        import datasets
+
+        datasets.load_dataset_builder(name, config)
+    except Exception as e:  # noqa: BLE001 - any hub failure gets the same clear message
+        raise _hub_error(name, split, e) from None
+
+
+def _hub_dataset(spec: str, limit: int | None):
+    """``hf:ORG/NAME[:SPLIT[:CONFIG]]`` -> a Ray Dataset of RAW rows (needs network)."""
+    import ray
+
+    name, split, config = hub_spec(spec)
+    try:
+        import datasets
+
+        hf = datasets.load_dataset(name, config, split=split, streaming=False)
+    except Exception as e:  # noqa: BLE001
+        raise _hub_error(name, split, e) from None
+    if limit:
+        hf = hf.select(range(min(limit, len(hf))))
+    if os.path.exists(name):
+        # a local dataset folder: from_huggingface would still ask the hub for parquet URLs
+        # (and fail offline), so hand Ray the memory-mapped Arrow table instead.
+        ds = ray.data.from_arrow(hf.data.table)
+    else:
+        ds = ray.data.from_huggingface(hf)
+
+    def to_raw(batch: pa.Table) -> pa.Table:
+        from hetray.unify.sources.readers import _table_batch
+
+        return _table_batch(spec, 1, batch.to_batches()[0] if batch.num_rows else batch)
+
+    return ds.map_batches(to_raw, batch_format="pyarrow", batch_size=None)
+
+
+def plan_source(s) -> tuple[object, list[str], object]:
+    """Check a source before any work: files exist, columns/file names fit. -> (adapter, files, s)."""
+    adapter = adapter_for(s)
+    paths = [s.path] if isinstance(s.path, str) else s.path
+    if any(p.startswith("hf:") for p in paths):
+        if len(paths) != 1:
+            raise InputError(f"source {s.name!r}: a hub dataset cannot be mixed with other paths")
+        _check_hub(paths[0])
+        return adapter, [], s
+    try:
+        files = resolve_files(s.path)
+    except InputError as e:
+        raise InputError(f"source {s.name!r}: {e}") from None
+    for check in ("check_files", "check_columns"):
+        fn = getattr(adapter, check, None)
+        if fn is not None:
+            try:
+                fn(files) if check == "check_files" else fn(s, files)
+            except InputError as e:
+                raise InputError(f"source {s.name!r}: {e}") from None
+    if hasattr(adapter, "resolve"):
+        first = peek_record(files)
+        if first is not None and first.get("text") is not None:
+            s = adapter.resolve(s, first["text"])
+    return adapter, files, s
+
+
+def shuffle_partitions(files: list[str], configured: int | None) -> int:
+    """Partitions for the group-by: enough to spread work and keep each one small."""
+    import ray
+
+    if configured:
+        return configured
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    size = sum(os.path.getsize(f) for f in files)
+    return int(min(200, max(2 * cpus, size // (128 << 20))))
+
+
+def n_shuffle_buckets(files: list[str]) -> int:
+    """About one bucket per MiB of input (a few thousand records), at least 16."""
+    size = sum(os.path.getsize(f) for f in files)
+    return int(max(16, size >> 20))
+
+
+def build_dataset(planned: list, batch_size: int, partitions: int | None = None):
+    """The whole stage as one lazy Dataset: per-source reads and parses, one shared group-by
+    for the sources that need it, and the union of everything."""
+    import ray
+
+    direct, grouped, plans = [], [], {}
+    shuffled_files = [f for adapter, files, s in planned if adapter.needs_shuffle(s) for f in files]
+    n_buckets = n_shuffle_buckets(shuffled_files)
+    for index, (adapter, files, s) in enumerate(planned):
+        spec = s.path if isinstance(s.path, str) else s.path[0]
+        raw = ray.data.read_datasource(make_datasource(files, s.limit)) if files else _hub_dataset(spec, s.limit)
+        shuffle = adapter.needs_shuffle(s)
+        parsed = raw.map_batches(
+            parse_batch,
+            fn_kwargs={"adapter": adapter, "s": s, "shuffle": shuffle, "index": index, "n_buckets": n_buckets},
+            batch_format="pyarrow",
+            batch_size=batch_size,
+        )
+        if shuffle:
+            grouped.append(parsed)
+            plans[index] = (adapter, s)
+        else:
+            direct.append(parsed)
+    if grouped:
+        flow = grouped[0].union(*grouped[1:]) if len(grouped) > 1 else grouped[0]
+        n = shuffle_partitions(shuffled_files, partitions)
+        direct.append(
+            flow.groupby("bucket", num_partitions=n).map_groups(
+                combine_bucket, fn_kwargs={"plans": plans}, batch_format="pyarrow"
+            )
+        )
+    return direct[0].union(*direct[1:]) if len(direct) > 1 else direct[0]
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def run_convert(cfg: JobConfig, force: bool = False) -> dict:
+    """Convert every source of ``cfg`` into ``cfg.run_dir``. Returns the manifest."""
+    from hetray.orchestrate.ray_init import init_ray
+
+    started = time.time()
+    run_dir = Path(cfg.run_dir)
+    planned = [plan_source(s) for s in cfg.convert.sources]  # every check before any work
+    inputs = [{"source": s.name, "files": mf.fingerprint_files(files)} for _, files, s in planned]
+    config = {"seed": cfg.seed, "convert": cfg.convert.model_dump(mode="json")}
+    key = mf.stage_key("convert", config, inputs)
+    out_dir = run_dir / "preferences"
+    if not force and mf.is_up_to_date(out_dir, key) and all((run_dir / d).is_dir() for d in OUTPUTS):
+        log.info("convert: %s is up to date (key %s), skipping", out_dir, key)
+        return mf.read_manifest(out_dir)
+
+    init_ray(cfg.ray)
+    tmp = run_dir / f".convert-tmp-{uuid.uuid4().hex[:8]}"
+    for folder in OUTPUTS:
+        (tmp / folder).mkdir(parents=True)
+    try:
+        ds = build_dataset(planned, cfg.convert.batch_size, cfg.convert.shuffle_partitions)
+        if cfg.convert.num_output_files:
+            ds = ds.repartition(cfg.convert.num_output_files)
+        sink = SplitParquetSink(str(tmp.resolve()))
+        ds.write_datasink(sink)
+        for folder, schema in OUTPUTS.items():  # readers always find a schema, even for 0 rows
+            if not any((tmp / folder).glob("*.parquet")):
+                pq.write_table(schema.empty_table(), tmp / folder / "part-empty.parquet")
+        counts = {s.name: sink.counts.get(s.name, _empty_counts()) for _, _, s in planned}
+        manifest = mf.new_manifest("convert", key, config, inputs, started)
+        manifest["counts"] = counts
+        manifest["totals"] = {
+            k: sum(c[k] for c in counts.values()) for k in ("pairs", "sft", "used", "rejected")
+        }
+        mf.write_manifest(tmp / "preferences", manifest)
+        for folder in OUTPUTS:  # commit: move the new outputs into place
+            final = run_dir / folder
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp / folder, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest

@@ -1,0 +1,116 @@
+"""What every source adapter shares: its settings base and the contract of its functions.
+
+An adapter is one module in ``hetray.unify.sources`` with:
+
+``Settings``
+    a pydantic model (subclass of ``SourceSettings``) whose ``format`` is a ``Literal`` tag.
+``parse(row, s) -> list[dict]``
+    one raw input record -> output dicts (``schema.pair`` / ``schema.sft_row`` /
+    ``schema.reject``) and/or ``schema.item`` dicts that wait for the rest of their group.
+    ``row`` is ``{"file", "line", "text", "error"}`` (``RAW_SCHEMA``): ``text`` is the line, or
+    a table row as a JSON object; ``error`` is set (and ``text`` may be null) when the reader
+    could not decode the record. Must never raise on bad data: a bad record is a reject.
+``combine(items, s) -> list[dict]``
+    all items of one group (``data`` already decoded to a dict) -> output dicts. Every item's
+    record must end in exactly one output: in the provenance of a pair / SFT row, or a reject.
+``needs_shuffle(s) -> bool``
+    True when the items of one group can come from different input records (flat OASST
+    messages, WinoBias pro/anti files): the stage then groups them with a Ray Data shuffle.
+    False when a group never spans input records (an OASST tree per line): grouped per batch.
+
+Both functions are pure: no Ray, no I/O. ``convert_rows`` below runs an adapter over plain
+rows exactly as the Ray stage does, for tests and for small inputs.
+"""
+
+from __future__ import annotations
+
+import orjson
+from collections import defaultdict
+from typing import Iterable
+
+from pydantic import Field
+
+from hetray.schema import ITEM, REJECT, reject
+from hetray.settings import Strict
+
+
+class SourceSettings(Strict):
+    """Settings every source has."""
+
+    name: str = Field(description="source name written to the `source` column")
+    path: str | list[str] = Field(
+        description="local file, folder or glob (or a list); `sample:NAME` for a bundled "
+        "sample; `hf:ORG/NAME[:SPLIT[:CONFIG]]` for a Hugging Face dataset (needs network)"
+    )
+    limit: int | None = Field(
+        default=None, ge=1, description="read at most this many records per file (for smoke runs)"
+    )
+
+
+def decode_json(row: dict, source: str) -> tuple[dict | None, dict | None]:
+    """``row["text"]`` as a JSON object, or ``(None, reject)`` naming what was wrong."""
+    file, line = row["file"], row["line"]
+    rid = f"{file}:{line}"
+    if row.get("error"):
+        return None, reject(source, file, line, rid, row["error"], row.get("text"))
+    try:
+        obj = orjson.loads(row["text"])
+    except (orjson.JSONDecodeError, TypeError) as e:
+        return None, reject(source, file, line, rid, "malformed_json", f"{e}: {row['text']!r}")
+    if not isinstance(obj, dict):
+        return None, reject(
+            source, file, line, rid, "malformed_json", f"expected a JSON object, got {type(obj).__name__}"
+        )
+    return obj, None
+
+
+def require_str(obj: dict, field: str, row: dict, source: str, rid: str | None = None):
+    """``obj[field]`` as a non-empty string, or ``(None, reject)`` naming the field."""
+    rid = rid or f"{row['file']}:{row['line']}"
+    value = obj.get(field)
+    if value is None:
+        return None, reject(source, row["file"], row["line"], rid, "missing_field", f"field '{field}' is missing")
+    if not isinstance(value, str):
+        return None, reject(
+            source, row["file"], row["line"], rid, "wrong_type",
+            f"field '{field}' should be a string, got {type(value).__name__}: {value!r}",
+        )
+    if not value.strip():
+        return None, reject(source, row["file"], row["line"], rid, "empty_field", f"field '{field}' is empty")
+    return value, None
+
+
+def convert_rows(adapter, s: SourceSettings, rows: Iterable[dict]) -> list[dict]:
+    """Run an adapter over raw rows without Ray: parse, group items by key, combine.
+
+    Returns output dicts (kind pair / sft / reject). Used by tests and as the reference that
+    the Ray stage must agree with.
+    """
+    out: list[dict] = []
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        for rec in adapter.parse(row, s):
+            if rec["kind"] == ITEM:
+                groups[rec["group"]].append(rec)
+            else:
+                out.append(rec)
+    for key in sorted(groups):
+        out.extend(adapter.combine(groups[key], s))
+    return out
+
+
+def account(outputs: Iterable[dict]) -> dict:
+    """Count input records by outcome: used (in a pair / SFT row's provenance) or rejected.
+
+    ``{"pairs": n, "sft": n, "used": n, "rejected": n, "reasons": {reason: n}}``
+    """
+    counts = {"pairs": 0, "sft": 0, "used": 0, "rejected": 0, "reasons": defaultdict(int)}
+    for o in outputs:
+        if o["kind"] == REJECT:
+            counts["rejected"] += 1
+            counts["reasons"][o["reason"]] += 1
+        else:
+            counts["pairs" if o["kind"] == "pair" else "sft"] += 1
+            counts["used"] += len(o["provenance"])
+    counts["reasons"] = dict(counts["reasons"])
+    return counts

@@ -1,0 +1,120 @@
+"""`hetray run`: the whole chain, a grid of runs sharing stages, resume after a failure, sync."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hetray.config import JobConfig, load_config
+from hetray.orchestrate.pipeline import format_summary, plan_runs, run_pipeline, sync
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
+
+TINY_STEPS = {"max_steps": 1, "per_device_batch_size": 2, "max_length": 64, "save_steps": 1, "logging_steps": 1}
+
+
+def grid_cfg(run_dir: Path, model: str, stages: list[str], wg: bool = True) -> JobConfig:
+    data = yaml.safe_load(QUICKSTART.read_text())
+    data["run_dir"] = str(run_dir)
+    data["train"] = {
+        "model": model,
+        "resources": {"num_workers": 1, "max_failures": 0},
+        "sft": TINY_STEPS,
+        "reward": {**TINY_STEPS, "eval_fraction": 0.3},
+        "ppo": {**TINY_STEPS, "per_device_batch_size": 1, "gradient_accumulation_steps": 1,
+                "min_new_tokens": 1, "max_new_tokens": 4, "num_ppo_epochs": 1},
+    }
+    data["eval"] = {"suites": ["winobias", "chat"], "batch_size": 8, "max_new_tokens": 4,
+                    "winobias": {"limit": 2}, "chat": {"prompts": ["Say hi."], "max_new_tokens": 4}}
+    data["pipeline"] = {
+        "stages": stages,
+        "runs": [
+            {"name": "base", "train": []},
+            *([{"name": "wg-S", "sources": ["winogrande"], "fraction": 1.0, "train": ["sft"]}] if wg else []),
+            {"name": "uni-0.6-S", "fraction": 0.6, "train": ["sft"]},
+            {"name": "uni-0.6-R", "fraction": 0.6, "train": ["sft", "reward", "ppo"]},
+        ],
+    }
+    return JobConfig.model_validate(data)
+
+
+def test_plan_runs_share_selection_folders(tmp_path):
+    cfg = grid_cfg(tmp_path, "smollm2-135m-instruct", list(JobConfig.model_fields["pipeline"].default_factory().stages))
+    runs = {r.name: r for r in plan_runs(cfg)}
+    assert runs["base"].folder is None and runs["base"].final_stage is None
+    assert runs["wg-S"].folder == "runs/winogrande-k3-f1"
+    assert runs["uni-0.6-S"].folder == runs["uni-0.6-R"].folder == "runs/all-k3-f0.6"
+    assert runs["uni-0.6-S"].final_stage == "sft" and runs["uni-0.6-R"].final_stage == "ppo"
+    assert runs["uni-0.6-R"].rlhf == "ppo" and runs["uni-0.6-S"].rlhf is None
+
+
+def test_single_run_and_stage_filter(tmp_path):
+    cfg = load_config(QUICKSTART, [f"run_dir={tmp_path}", "pipeline.stages=[convert,embed,cluster,select,sft,dpo]"])
+    (run,) = plan_runs(cfg)
+    assert run.folder == "." and run.train == ["sft", "dpo"] and run.final_stage == "dpo"
+
+
+def test_duplicate_run_names_are_refused(tmp_path):
+    data = grid_cfg(tmp_path, "x", ["convert"]).model_dump(mode="json")
+    data["pipeline"]["runs"].append({"name": "base", "train": []})
+    with pytest.raises(ValueError, match="base repeated"):
+        plan_runs(JobConfig.model_validate(data))
+
+
+def test_sync_copies_new_and_changed_files_only(tmp_path):
+    root, dest = tmp_path / "run", tmp_path / "bucket"
+    (root / "preferences").mkdir(parents=True)
+    (root / ".sft-work").mkdir()
+    (root / "preferences" / "a.parquet").write_bytes(b"1234")
+    (root / ".sft-work" / "ckpt").write_bytes(b"x")
+    sync(root, str(dest))
+    assert (dest / "preferences" / "a.parquet").read_bytes() == b"1234"
+    assert not (dest / ".sft-work").exists()  # work folders stay local
+    (dest / "preferences" / "a.parquet").write_bytes(b"stale-but-unchanged-source")
+    sync(root, f"file://{dest}")
+    assert (dest / "preferences" / "a.parquet").read_bytes() == b"stale-but-unchanged-source"
+    (root / "preferences" / "a.parquet").write_bytes(b"56789")
+    sync(root, str(dest))
+    assert (dest / "preferences" / "a.parquet").read_bytes() == b"56789"
+
+
+@pytest.mark.slow
+def test_grid_shares_stages_resumes_after_failure_and_skips_when_done(tmp_path, tiny_llama, ray_local, monkeypatch):
+    stages = ["convert", "embed", "cluster", "select", "sft", "reward", "ppo", "eval", "report"]
+    cfg = grid_cfg(tmp_path / "job", tiny_llama, stages, wg=False)  # select.sources: test_select
+
+    import hetray.train.ppo as ppo
+
+    def broken(*a, **k):
+        raise RuntimeError("injected PPO failure")
+
+    monkeypatch.setattr(ppo, "run_ppo", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        run_pipeline(cfg)
+    monkeypatch.undo()
+
+    summary = run_pipeline(cfg)
+    steps = [(s["stage"], s["where"], s["status"]) for s in summary["steps"]]
+    # shared stages once, at the root; every stage before the failure is resumed, not redone
+    assert steps[:3] == [("convert", ".", "skipped"), ("embed", ".", "skipped"), ("cluster", ".", "skipped")]
+    assert ("sft", "runs/all-k3-f0.6", "skipped") in steps and ("reward", "runs/all-k3-f0.6", "skipped") in steps
+    assert ("ppo", "runs/all-k3-f0.6", "ran") in steps
+    assert [s for s, _, _ in steps].count("sft") == 1  # one per selection folder, shared by -S and -R
+    root = Path(cfg.run_dir)
+    assert (root / "runs" / "all-k3-f0.6" / "embeddings").is_symlink()
+
+    runs = {r["name"]: r for r in summary["runs"]}
+    assert runs["uni-0.6-R"]["model"].endswith("runs/all-k3-f0.6/ppo/merged")
+    assert runs["uni-0.6-S"]["model"].endswith("runs/all-k3-f0.6/sft/merged")
+    assert runs["uni-0.6-R"]["pairs_selected"] == 67
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    assert set(runs) <= set(metrics)
+    assert (root / "report.md").read_text().count("| uni-0.6-") >= 2
+    assert "evaluation report" in format_summary(summary)
+
+    again = run_pipeline(cfg)
+    assert {s["status"] for s in again["steps"]} == {"skipped"}

@@ -1,0 +1,136 @@
+"""The convert stage on local Ray: outputs, accounting, manifest, re-runs, bad input."""
+
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from hetray.cli import main
+from hetray.config import JobConfig
+from hetray.unify.convert import run_convert
+from hetray.unify.sources import winogrande
+from hetray.unify.sources.base import account, convert_rows
+from hetray.unify.sources.readers import InputError, iter_records
+from hetray.unify.summary import parquet_files
+
+from conftest import FIXTURES
+
+WG = str(FIXTURES / "winogrande" / "dev.jsonl")
+
+
+def job(tmp_path, sources, **kw) -> JobConfig:
+    return JobConfig.model_validate(
+        {"run_dir": str(tmp_path / "run"), "convert": {"sources": sources, **kw}}
+    )
+
+
+def read(folder):
+    files = parquet_files(folder)
+    return pq.ParquetDataset(files).read() if files else None
+
+
+def test_convert_matches_reference_and_accounts_every_record(tmp_path, ray_local):
+    cfg = job(tmp_path, [{"name": "wg", "format": "winogrande", "path": WG}], batch_size=3)
+    m = run_convert(cfg)
+    run = tmp_path / "run"
+    prefs = read(run / "preferences").to_pylist()
+    rejects = read(run / "rejects").to_pylist()
+    ref = convert_rows(winogrande, cfg.convert.sources[0], iter_records(WG))
+    assert sorted(p["pair_id"] for p in prefs) == sorted(o["pair_id"] for o in ref if o["kind"] == "pair")
+    assert len(rejects) == sum(o["kind"] == "reject" for o in ref)
+    # rejects carry where they came from and why
+    utf8 = [r for r in rejects if r["reason"] == "invalid_utf8"]
+    assert utf8 and utf8[0]["file"] == WG and utf8[0]["line"] == 13
+    # accounting: input records (counted here independently) = used + rejected
+    n_records = len(list(iter_records(WG)))
+    c = m["counts"]["wg"]
+    assert c["used"] + c["rejected"] == n_records == 12
+    assert c["pairs"] == len(prefs) == 4
+    assert c["reasons"] == account(ref)["reasons"]
+    stored = json.loads((run / "preferences" / "manifest.json").read_text())
+    assert stored["inputs"][0]["files"][0]["path"] == os.path.abspath(WG)
+    assert stored["config"]["convert"]["sources"][0]["format"] == "winogrande"
+    assert (run / "sft_only").is_dir() and read(run / "sft_only").num_rows == 0
+
+
+def test_rerun_is_skipped_and_changed_config_reruns(tmp_path, ray_local):
+    src = [{"name": "wg", "format": "winogrande", "path": WG}]
+    first = run_convert(job(tmp_path, src))
+    again = run_convert(job(tmp_path, src))
+    assert again["created"] == first["created"] and again["key"] == first["key"]
+    changed = run_convert(job(tmp_path, [{**src[0], "limit": 2}]))
+    assert changed["key"] != first["key"]
+    assert changed["counts"]["wg"]["used"] + changed["counts"]["wg"]["rejected"] == 2
+
+
+def test_missing_file_fails_before_any_work(tmp_path):
+    cfg = job(tmp_path, [{"name": "wg", "format": "winogrande", "path": str(tmp_path / "nope.jsonl")}])
+    with pytest.raises(InputError, match="nope.jsonl' does not exist"):
+        run_convert(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_file_gives_empty_outputs(tmp_path, ray_local):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    m = run_convert(job(tmp_path, [{"name": "wg", "format": "winogrande", "path": str(empty)}]))
+    assert m["totals"] == {"pairs": 0, "sft": 0, "used": 0, "rejected": 0}
+    assert read(tmp_path / "run" / "preferences").num_rows == 0
+
+
+def test_failed_run_keeps_previous_outputs(tmp_path, ray_local, monkeypatch):
+    src = [{"name": "wg", "format": "winogrande", "path": WG}]
+    run_convert(job(tmp_path, src))
+    before = read(tmp_path / "run" / "preferences").num_rows
+
+    def boom(*a, **k):
+        raise RuntimeError("worker died")
+
+    monkeypatch.setattr("hetray.unify.convert.SplitParquetSink.on_write_complete", boom)
+    with pytest.raises(Exception):
+        run_convert(job(tmp_path, [{**src[0], "limit": 3}]))
+    assert read(tmp_path / "run" / "preferences").num_rows == before
+    assert not list((tmp_path / "run").glob(".convert-tmp-*"))
+
+
+def test_cli_convert_and_inspect(tmp_path, ray_local, capsys):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(
+        f"run_dir: {tmp_path / 'run'}\nconvert:\n  sources:\n"
+        f"    - {{name: wg, format: winogrande, path: {WG}}}\n"
+    )
+    assert main(["convert", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "[wg]  pairs 4" in out and "no_answer 1" in out
+    assert main(["inspect", str(tmp_path / "run" / "rejects")]) == 0
+    assert "wg  invalid_utf8: 1" in capsys.readouterr().out
+    assert main(["convert", "--config", str(cfg), "convert.sources.0.colour=red"]) == 2
+    assert "unknown key 'convert.sources[0].colour'" in capsys.readouterr().err
+
+
+def test_hub_dataset_offline_is_a_clear_error_before_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cfg = job(tmp_path, [{"name": "oa", "format": "oasst", "path": "hf:OpenAssistant/oasst1:validation"}])
+    with pytest.raises(InputError, match="could not load the Hugging Face dataset 'OpenAssistant/oasst1'"):
+        run_convert(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_hub_loader_runs_on_a_local_dataset_folder(tmp_path, ray_local):
+    """`hf:` goes through `datasets.load_dataset` + `ray.data.from_huggingface`, the code path a
+    user with network takes; here it reads a local folder, as the hub loader also accepts."""
+    import json
+
+    data = tmp_path / "hubdata"
+    data.mkdir()
+    lines = (FIXTURES / "winogrande" / "dev.jsonl").read_bytes().splitlines()[:4]
+    rows = [json.loads(line) for line in lines]
+    (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    m = run_convert(job(tmp_path, [{"name": "wg", "format": "winogrande", "path": f"hf:{data}:train"}]))
+    assert m["counts"]["wg"]["pairs"] == 4
+    prefs = read(tmp_path / "run" / "preferences").to_pylist()
+    assert {p["chosen"] for p in prefs} == {"Anna", "ice", "Carl", "pot"}
