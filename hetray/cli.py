@@ -18,9 +18,10 @@ import sys
 from pathlib import Path
 
 from hetray.config import ConfigError, load_config
+from hetray.orchestrate.ray_init import init_ray
+from hetray.stage import RunDirBusy
+from hetray.train import STAGES as TRAIN_STAGES
 from hetray.unify.sources.readers import InputError
-
-TRAIN_STAGES = ("sft", "reward", "ppo", "rloo", "dpo")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -114,6 +115,28 @@ def _train(stage: str, cfg, force: bool) -> None:
     print(f"train {stage}: {m['global_step']} steps{extra} -> {cfg.run_dir}/{stage} (merged/, adapter/, metrics.json, loss.png)")
 
 
+def _eval(args) -> None:
+    from hetray.config import RayConfig
+    from hetray.eval.run import from_args, print_result, run_eval
+
+    models, cfg, seed, reward_model, out = from_args(args)
+    if cfg.num_workers > 1:
+        init_ray(RayConfig())
+    result = run_eval(models, cfg, out, seed=seed, reward_model=reward_model)
+    print_result(models, result, out)
+
+
+def _run(args) -> None:
+    from hetray.orchestrate.pipeline import run_pipeline
+    from hetray.orchestrate.run_report import format_summary
+
+    cfg = load_config(args.config, args.overrides)
+    summary = run_pipeline(cfg, args.force)
+    print("\n" + format_summary(summary))
+    report = Path(cfg.run_dir) / "report.md"
+    print(f"\nreport: {summary['eval_report'] or (report if report.exists() else cfg.run_dir)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(
@@ -121,38 +144,33 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        if args.command == "eval":
-            from hetray.eval.run import cli as eval_cli
-
-            return eval_cli(args)
         if args.command == "tune":
             from hetray.orchestrate.tune import cli as tune_cli
 
             return tune_cli(args)
-        if args.command == "inspect":
+        if args.command == "eval":
+            _eval(args)
+        elif args.command == "inspect":
             from hetray.unify.summary import inspect
 
             print(inspect(args.path))
-        elif args.command == "convert":
-            _convert(load_config(args.config, args.overrides), args.force)
-        elif args.command in ("embed", "cluster", "select"):
+        elif args.command == "run":
+            _run(args)
+        else:  # one stage
             overrides = list(args.overrides)
             if getattr(args, "n_clusters", None) is not None:
                 overrides.append(f"cluster.n_clusters={args.n_clusters}")
             if getattr(args, "fraction", None) is not None:
                 overrides.append(f"select.fraction={args.fraction}")
-            _stage(args.command, load_config(args.config, overrides), args.force)
-        elif args.command == "train":
-            _train(args.stage, load_config(args.config, args.overrides), args.force)
-        elif args.command == "run":
-            from hetray.orchestrate.pipeline import format_summary, run_pipeline
-
-            cfg = load_config(args.config, args.overrides)
-            summary = run_pipeline(cfg, args.force)
-            print("\n" + format_summary(summary))
-            report = Path(cfg.run_dir) / "report.md"
-            print(f"\nreport: {summary['eval_report'] or (report if report.exists() else cfg.run_dir)}")
-    except (ConfigError, InputError, FileNotFoundError, ValueError) as e:
+            cfg = load_config(args.config, overrides)
+            init_ray(cfg.ray)
+            if args.command == "convert":
+                _convert(cfg, args.force)
+            elif args.command == "train":
+                _train(args.stage, cfg, args.force)
+            else:
+                _stage(args.command, cfg, args.force)
+    except (ConfigError, InputError, RunDirBusy, FileNotFoundError, ValueError) as e:
         print(f"hetray: error: {e}", file=sys.stderr)
         return 2
     return 0

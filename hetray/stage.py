@@ -296,6 +296,15 @@ class Stage:
             (self.out_dir / r).exists() for r in self.required)
 
 
+def require_ray(stage: str) -> None:
+    """Stages never start Ray (only the command line and the conductor do): fail clearly."""
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError(f"{stage}: Ray is not running; start it first "
+                           "(hetray.orchestrate.ray_init.init_ray, as `hetray` does)")
+
+
 def new_manifest(stage: Stage, key: str, fingerprints: list, started: float) -> dict:
     return {
         "stage": stage.name,

@@ -42,11 +42,10 @@ def tiny_llama(tmp_path_factory) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hetray.models import resolve_llm
-    from hetray.train import common
+    from hetray.models import load_tokenizer
 
     out = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = common.load_tokenizer(resolve_llm())
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,

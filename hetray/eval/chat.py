@@ -12,6 +12,8 @@ answer, aggregated as rates:
 * ``repeated_ngram_rate``: share of word 4-grams that already occurred earlier in the answer
   (rep-n of Welleck et al., 2019; numbers are not words here, so list counters do not hide a
   loop): degenerate loops score near 1.
+
+``score_items`` -> ``aggregate`` over ``EvalConfig.chat.prompts`` is the suite (``SUITE``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+
+from hetray.eval.suite import Suite
 
 NGRAM = 4
 _WORD = re.compile(r"\w+")
@@ -83,15 +87,9 @@ def aggregate(records: list[dict]) -> dict:
     }
 
 
-def evaluate_chat(scorer, settings) -> dict:
-    """``settings``: ``EvalConfig.chat``. Returns ``{"overall", "records"}``."""
-    records = score_items(scorer, list(settings.prompts), settings.max_new_tokens)
-    return {"overall": aggregate(records), "records": records}
-
-
 def write_side_by_side(records_by_model: dict[str, list[dict]], out_dir) -> dict:
     """``chat.jsonl`` (one line per model and prompt) and ``chat.md`` (each prompt, then every
-    model's answer). Returns their paths."""
+    model's answer). Returns their names in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "chat.jsonl", "w") as f:
@@ -117,4 +115,18 @@ def write_side_by_side(records_by_model: dict[str, list[dict]], out_dir) -> dict
                 lines += [f"> {line}" if line.strip() else ">" for line in (r["response"] or "(empty)").splitlines()]
                 lines.append("")
     (out / "chat.md").write_text("\n".join(lines) + "\n")
-    return {"chat_markdown": str(out / "chat.md"), "chat_jsonl": str(out / "chat.jsonl")}
+    return {"chat_markdown": "chat.md", "chat_jsonl": "chat.jsonl"}
+
+
+SUITE = Suite(
+    name="chat", kind="policy", title="Instruction following: automatic signals (answers in chat.md)",
+    columns=(("non_empty_rate", "non-empty", "higher"), ("prompt_repeat_rate", "repeats prompt", "lower"),
+             ("stop_rate", "stops (EOS)", "higher"), ("repeated_ngram_rate", "repeated 4-grams", "lower"),
+             ("mean_new_tokens", "mean new tokens", None)),
+    load=lambda cfg, model=None: list(cfg.chat.prompts),
+    score=lambda scorer, prompts, cfg: score_items(scorer, prompts, cfg.chat.max_new_tokens),
+    aggregate=aggregate,
+    plot_metrics=(("stop_rate", "chat: stops"), ("repeated_ngram_rate", "chat: repeated 4-grams")),
+    write=write_side_by_side,
+    link=("Every answer, side by side", "chat.md"),
+)

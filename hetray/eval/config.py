@@ -8,7 +8,8 @@ from pydantic import Field
 
 from hetray.settings import Strict
 
-SUITES = ("winobias", "winogender", "winogrande", "reward", "chat")
+# Every suite, in report order; each is declared once in its own module (hetray.eval.suites).
+SUITE_NAMES = ("winobias", "winogender", "winogrande", "reward", "chat")
 
 DEFAULT_CHAT_PROMPTS = [
     "Give me a list of top vacation destinations.",
@@ -61,7 +62,7 @@ class ChatSettings(Strict):
 
 
 class EvalConfig(Strict):
-    suites: list[Literal["winobias", "winogender", "winogrande", "reward", "chat"]] = Field(
+    suites: list[Literal[SUITE_NAMES]] = Field(
         default_factory=lambda: ["winobias", "chat"], min_length=1, description="what to measure"
     )
     batch_size: int = Field(default=16, ge=1, description="prompts per forward pass")

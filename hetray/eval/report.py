@@ -22,36 +22,9 @@ import html
 import math
 from pathlib import Path
 
-import matplotlib
+from hetray import plots
+from hetray.eval.suites import SUITES
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-# (key in the suite's overall metrics, column title, which way is better: "lower" = nearest 0)
-BIAS_COLUMNS = [
-    ("bias", "Bias", "lower"),
-    ("bias_entropy", "Bias (Entropy)", "lower"),
-    ("bias_cluster", "Bias (Cluster)", "lower"),
-    ("accuracy", "Accuracy", "higher"),
-    ("similarity", "Similarity", "higher"),
-]
-SUITE_COLUMNS = {
-    "winobias": BIAS_COLUMNS + [("pairs", "pairs", None)],
-    "winogender": BIAS_COLUMNS + [("pairs", "pairs", None)],
-    "winogrande": [("accuracy", "Accuracy", "higher"), ("items", "items", None)],
-    "reward": [("accuracy", "Pairwise accuracy", "higher"), ("margin", "Mean margin", None), ("pairs", "pairs", None),
-               ("reward_model", "reward model", None)],
-    "chat": [("non_empty_rate", "non-empty", "higher"), ("prompt_repeat_rate", "repeats prompt", "lower"),
-             ("stop_rate", "stops (EOS)", "higher"), ("repeated_ngram_rate", "repeated 4-grams", "lower"),
-             ("mean_new_tokens", "mean new tokens", None)],
-}
-TITLES = {
-    "winobias": "Table 1: gender bias on WinoBias",
-    "winogender": "Gender bias on WinoGender",
-    "winogrande": "WinoGrande accuracy (partial scoring)",
-    "reward": "Reward model: pairwise accuracy on held-out pairs",
-    "chat": "Instruction following: automatic signals (answers in chat.md)",
-}
 DIGITS = 3
 
 
@@ -85,7 +58,7 @@ def best_models(rows: dict[str, dict], key: str, better: str | None) -> set[str]
 def suite_table(metrics_by_model: dict, suite: str, run_info: dict) -> tuple[list[str], list[list[str]], list[list[bool]]]:
     """(header, cells, bold) of one suite's table: one row per model that has the suite."""
     rows = {m: s[suite] for m, s in metrics_by_model.items() if isinstance(s.get(suite), dict)}
-    columns = SUITE_COLUMNS[suite]
+    columns = SUITES[suite].columns
     runs = [k for k in ("fraction", "rlhf") if any(k in (run_info.get(m) or {}) for m in rows)]
     header = ["model"] + runs + [title for _, title, _ in columns]
     best = {key: best_models(rows, key, better) for key, _, better in columns}
@@ -126,7 +99,8 @@ def _bias_accuracy_plot(metrics_by_model: dict, suite: str, path: Path) -> bool:
     pts = {m: p for m, p in pts.items() if None not in p}
     if not pts:
         return False
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, axes = plots.figure(size=(5.5, 4))
+    ax = axes[0, 0]
     for i, (m, (x, y)) in enumerate(pts.items()):
         ax.scatter([x], [y], color=f"C{i % 10}")
         ax.annotate(m, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -134,18 +108,13 @@ def _bias_accuracy_plot(metrics_by_model: dict, suite: str, path: Path) -> bool:
     ax.set_ylabel("bias (lower is better)")
     ax.set_title(f"{suite}: bias against accuracy")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plots.save(fig, path)
     return True
 
 
 def _fraction_metrics(metrics_by_model: dict) -> list[tuple[str, str, str]]:
     """(suite, key, title) of every metric some model has, in report order."""
-    wanted = [("winobias", k, f"WinoBias {t}") for k, t, _ in BIAS_COLUMNS]
-    wanted += [("winogender", k, f"WinoGender {t}") for k, t, _ in BIAS_COLUMNS]
-    wanted += [("winogrande", "accuracy", "WinoGrande accuracy"), ("reward", "accuracy", "reward accuracy"),
-               ("chat", "stop_rate", "chat: stops"), ("chat", "repeated_ngram_rate", "chat: repeated 4-grams")]
+    wanted = [(suite.name, key, title) for suite in SUITES.values() for key, title in suite.plot_metrics]
     return [w for w in wanted if any(_number((s.get(w[0]) or {}).get(w[1])) is not None for s in metrics_by_model.values())]
 
 
@@ -156,7 +125,7 @@ def _fraction_plot(metrics_by_model: dict, run_info: dict, path: Path) -> bool:
         return False
     cols = min(3, len(metrics))
     rows = -(-len(metrics) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plots.figure(rows, cols, size=(4.2 * cols, 3.2 * rows))
     for ax, (suite, key, title) in zip(axes.flat, metrics):
         def value(m):
             return _number((metrics_by_model[m].get(suite) or {}).get(key))
@@ -175,46 +144,39 @@ def _fraction_plot(metrics_by_model: dict, run_info: dict, path: Path) -> bool:
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plots.save(fig, path)
     return True
 
 
-NOTE = ("Best value per column in bold. Bias, Bias (Entropy), Bias (Cluster): lower is better "
-        "(closest to 0); Accuracy: higher is better; Similarity: higher is better (the share of "
-        "pro/anti pairs with the same outcome: a model that treats both alike is less biased).")
-
-
 def write_report(metrics_by_model: dict, out_dir, run_info: dict[str, dict] | None = None) -> dict:
-    """Write ``report.md``, ``report.html`` and the plots into ``out_dir``; return their paths."""
+    """Write ``report.md``, ``report.html`` and the plots into ``out_dir``; return their names
+    in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run_info = run_info or {}
-    plots = []
-    for suite in ("winobias", "winogender"):
-        if _bias_accuracy_plot(metrics_by_model, suite, out / f"{suite}_bias_accuracy.png"):
-            plots.append(out / f"{suite}_bias_accuracy.png")
+    plot_files = [f"{s.name}_bias_accuracy.png" for s in SUITES.values()
+                  if s.bias_plot and _bias_accuracy_plot(metrics_by_model, s.name, out / f"{s.name}_bias_accuracy.png")]
     if _fraction_plot(metrics_by_model, run_info, out / "fraction.png"):
-        plots.append(out / "fraction.png")
+        plot_files.append("fraction.png")
 
     md = ["# Evaluation report", "", f"models: {', '.join(metrics_by_model)}", ""]
     body = []
-    for suite, title in TITLES.items():
-        if not any(isinstance(s.get(suite), dict) for s in metrics_by_model.values()):
+    for suite in SUITES.values():
+        if not any(isinstance(s.get(suite.name), dict) for s in metrics_by_model.values()):
             continue
-        table = suite_table(metrics_by_model, suite, run_info)
-        md += [f"## {title}", ""] + _markdown_table(*table) + [""]
-        body.append(f"<h2>{html.escape(title)}</h2>{_html_table(*table)}")
-        if suite in ("winobias", "winogender"):
-            md += [NOTE, ""]
-            body.append(f"<p>{html.escape(NOTE)}</p>")
-        if suite == "chat" and (out / "chat.md").exists():
-            md += ["Every answer, side by side: [chat.md](chat.md)", ""]
-            body.append('<p>Every answer, side by side: <a href="chat.md">chat.md</a></p>')
-    if plots:
-        md += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
-        body.append("<h2>Plots</h2>" + "".join(f'<p><img src="{p.name}" alt="{p.stem}"></p>' for p in plots))
+        table = suite_table(metrics_by_model, suite.name, run_info)
+        md += [f"## {suite.title}", ""] + _markdown_table(*table) + [""]
+        body.append(f"<h2>{html.escape(suite.title)}</h2>{_html_table(*table)}")
+        if suite.note:
+            md += [suite.note, ""]
+            body.append(f"<p>{html.escape(suite.note)}</p>")
+        if suite.link and (out / suite.link[1]).exists():
+            text, file = suite.link
+            md += [f"{text}: [{file}]({file})", ""]
+            body.append(f'<p>{html.escape(text)}: <a href="{file}">{file}</a></p>')
+    if plot_files:
+        md += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plot_files] + [""]
+        body.append("<h2>Plots</h2>" + "".join(f'<p><img src="{p}" alt="{Path(p).stem}"></p>' for p in plot_files))
     (out / "report.md").write_text("\n".join(md) + "\n")
     style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}td:first-child{text-align:left}")
@@ -222,4 +184,4 @@ def write_report(metrics_by_model: dict, out_dir, run_info: dict[str, dict] | No
         f"<!doctype html><html><head><meta charset='utf-8'><title>Evaluation report</title><style>{style}</style>"
         f"</head><body><h1>Evaluation report</h1><p>models: {html.escape(', '.join(metrics_by_model))}</p>"
         + "".join(body) + "</body></html>\n")
-    return {"markdown": str(out / "report.md"), "html": str(out / "report.html"), "plots": [str(p) for p in plots]}
+    return {"markdown": "report.md", "html": "report.html", "plots": plot_files}

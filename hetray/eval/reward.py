@@ -1,23 +1,29 @@
 """Reward-model pairwise accuracy: how often r(prompt + chosen) > r(prompt + rejected).
 
 The pairs are, by default, the reward stage's own held-out split: the stage's manifest names
-the pairs it read, its settings and seed, and ``hetray.train.reward.split_pairs`` re-derives the
-very same split (every pair of a held-out prompt), so the number is comparable to the stage's
-``metrics.json`` ``final.eval_accuracy``. ``EvalConfig.reward.pairs`` (a Parquet folder of
+the pairs folder it trained on (``data``, relative to the run folder), its ``eval_fraction``
+and its seed, and ``hetray.pairs.split_pairs`` re-derives the very same split (every pair of a
+held-out prompt), so the number is comparable to the stage's ``metrics.json``
+``final.eval_accuracy``. ``EvalConfig.reward.pairs`` (a Parquet folder of
 ``prompt/chosen/rejected``) replaces them.
 
 Texts are built as TRL's RewardTrainer builds them (chat template over prompt + answer when the
 tokenizer has one; else prompt + " " + answer + EOS), scored in right-padded batches.
-``load_items`` -> ``score_items`` -> ``aggregate``, as every suite.
+``load_items`` -> ``score_items`` -> ``aggregate``, as every suite (``SUITE``).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from hetray import stage as mf
-from hetray.train import common
+from hetray.eval.suite import Suite
+from hetray.models import SEQ_CLS, load_model, load_tokenizer
+from hetray.pairs import pair_rows, split_pairs, uses_chat
+from hetray.schema import read_table
+from hetray.stage import read_manifest
+
+STAGE = "train-reward"  # the reward stage's name in its manifest
+MODEL_DIR = "merged"  # the checkpoint a training stage leaves in its folder for the next one
 
 
 class RewardEvalError(ValueError):
@@ -29,8 +35,8 @@ def stage_dir_of(reward_model: str) -> Path | None:
     its ``merged/`` checkpoint; None for a model that no reward stage wrote."""
     p = Path(reward_model)
     for cand in (p, p.parent, p / "reward"):
-        m = mf.read_manifest(cand) if cand.is_dir() else None
-        if m is not None and m.get("stage") == "train-reward":
+        m = read_manifest(cand) if cand.is_dir() else None
+        if m is not None and m.get("stage") == STAGE:
             return cand
     return None
 
@@ -39,46 +45,38 @@ def model_dir_of(reward_model: str) -> str:
     """The checkpoint to load: ``<stage>/merged`` for a run or stage folder, else as given."""
     stage = stage_dir_of(reward_model)
     if stage is not None and Path(reward_model).resolve() in (stage.resolve(), stage.parent.resolve()):
-        return str(stage / common.STAGE_MODEL_DIR)
+        return str(stage / MODEL_DIR)
     return reward_model
 
 
-def held_out_pairs(stage: Path, tokenizer_path: str) -> list[dict]:
-    """The reward stage's held-out pairs, re-derived with its own split function and settings."""
-    from hetray.train.config import RewardSettings
-    from hetray.train.reward import split_pairs
-
-    m = mf.read_manifest(stage)
-    data = m["inputs"][0]  # plan_stage puts the pairs folder first
-    # a folder with a manifest is fingerprinted by its key, else by its files
-    data_dir = data[0]["path"] if "key" in data[0] else os.path.commonpath([os.path.dirname(f["path"]) for f in data])
-    if not common.read_table(data_dir, ["prompt"]).num_rows:
+def held_out_pairs(stage: Path, chat: bool) -> list[dict]:
+    """The reward stage's held-out pairs, re-derived from its manifest with the stage's split."""
+    m = read_manifest(stage)
+    try:
+        data_dir = stage.parent / m["data"]
+        fraction, seed = m["config"]["settings"]["eval_fraction"], m["config"]["seed"]
+    except (KeyError, TypeError) as e:
+        raise RewardEvalError(f"{stage}/manifest.json: no {e} (the pairs folder, eval_fraction and seed "
+                              "of the reward stage), so its held-out pairs are unknown") from None
+    if not read_table(data_dir, ["prompt"]).num_rows:
         raise RewardEvalError(f"{stage}/manifest.json: the pairs it was trained on ({data_dir}) are gone")
-    job = common.StageJob(
-        stage="reward", settings=RewardSettings.model_validate(m["config"]["settings"]), model=tokenizer_path,
-        head=common.SEQ_CLS, data_dir=data_dir, work_dir="", seed=m["config"]["seed"], use_gpu=False,
-        deepspeed=None)
-    _, test = split_pairs(job)
-    return test
+    return split_pairs(data_dir, fraction, seed, chat)[1]
 
 
 def load_items(reward_model: str, settings) -> list[dict]:
     """Pairs in TRL's format (chat turns or strings): ``settings.pairs`` or the held-out split."""
-    model_dir = model_dir_of(reward_model)
-    chat = common.uses_chat(common.load_tokenizer(model_dir))
+    chat = uses_chat(load_tokenizer(model_dir_of(reward_model)))
     if settings.pairs:
-        if not common.read_table(settings.pairs, ["prompt"]).num_rows:
+        if not read_table(settings.pairs, ["prompt"]).num_rows:
             raise RewardEvalError(f"eval.reward.pairs: no Parquet pairs in {settings.pairs!r}")
-        pairs = common.pair_rows(settings.pairs, chat)
-        for p in pairs:
-            p.pop("prompt_id")
+        pairs = pair_rows(settings.pairs, chat)
     else:
         stage = stage_dir_of(reward_model)
         if stage is None:
             raise RewardEvalError(
                 f"reward model {reward_model!r} has no reward-stage manifest beside it, so its held-out "
                 "pairs are unknown: give a run's reward/ folder or eval.reward.pairs=<Parquet folder>")
-        pairs = held_out_pairs(stage, model_dir)
+        pairs = held_out_pairs(stage, chat)
         if not pairs:
             raise RewardEvalError(f"{stage}: the reward stage held out no pairs (train.reward.eval_fraction=0?)")
     return pairs[: settings.limit] if settings.limit else pairs
@@ -98,8 +96,8 @@ class RewardModel:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         path = model_dir_of(path)
         try:
-            model = common.load_model(path, common.SEQ_CLS)
-            tokenizer = common.load_tokenizer(path)
+            model = load_model(path, SEQ_CLS)
+            tokenizer = load_tokenizer(path)
         except OSError as e:
             raise RewardEvalError(f"reward model {path!r} could not be loaded: {e}") from e
         return cls(model, tokenizer, batch_size, device)
@@ -155,8 +153,12 @@ def aggregate(records: list[dict]) -> dict:
             "margin": sum(r["margin"] for r in records) / n}
 
 
-def evaluate_reward(reward_model: str, settings, batch_size: int = 16, device: str = "auto") -> dict:
-    """``settings``: ``EvalConfig.reward``. Returns ``{"overall", "records"}``."""
-    pairs = load_items(reward_model, settings)
-    records = score_items(RewardModel.load(reward_model, batch_size, device), pairs)
-    return {"overall": aggregate(records), "records": records}
+SUITE = Suite(
+    name="reward", kind="reward", title="Reward model: pairwise accuracy on held-out pairs",
+    columns=(("accuracy", "Pairwise accuracy", "higher"), ("margin", "Mean margin", None), ("pairs", "pairs", None),
+             ("reward_model", "reward model", None)),
+    load=lambda cfg, reward_model: load_items(reward_model, cfg.reward),
+    score=lambda rm, pairs, cfg: score_items(rm, pairs),
+    aggregate=aggregate,
+    plot_metrics=(("accuracy", "reward accuracy"),),
+)

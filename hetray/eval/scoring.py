@@ -24,14 +24,11 @@ Every suite goes through :class:`Scorer`; it hides padding, batching and devices
 from __future__ import annotations
 
 import inspect
-import json
-import logging
 import os
-from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from hetray.models import ModelNotFoundError, load_causal_lm
 
 
 class Scorer:
@@ -42,9 +39,7 @@ class Scorer:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.tokenizer = tokenizer
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer  # with a pad token (hetray.models sets one)
         self.batch_size = batch_size
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
         if self.device.type == "cpu":
@@ -59,21 +54,15 @@ class Scorer:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
-        model, tokenizer = _load(name_or_path)
+        try:
+            model, tokenizer = load_causal_lm(name_or_path)
+        except ModelNotFoundError:
+            raise
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot load model {name_or_path!r} as a causal LM: {e}") from e
         return cls(model.to(dtype), tokenizer, batch_size=batch_size, device=device, threads=threads)
 
     # ------------------------------------------------------------------ scoring
-
-    def next_token_logprobs(self, prompts: list[str]) -> torch.Tensor:
-        """[n, vocab] float32 (cpu) log-softmax of the next token after each prompt's last token."""
-        seqs = [self._encode(p) for p in prompts]
-        if any(len(s) == 0 for s in seqs):
-            raise ValueError("an empty prompt has no next-token distribution")
-        out = torch.empty(len(prompts), self._vocab_size(), dtype=torch.float32)
-        for idx in self._batches(seqs):
-            logp = self._logprobs([seqs[i] for i in idx], keep=1)
-            out[idx] = logp[:, -1]
-        return out
 
     def continuation_logprobs(self, prompts: list[str], continuations: list[str]) -> list[list[float]]:
         """Per-token log-probs of each continuation given its prompt (see the module's rule)."""
@@ -109,10 +98,8 @@ class Scorer:
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, prompts: list[str], max_new_tokens: int, stop_strings: list[str] | None = None,
-                 chat: bool = False, stop_when=None) -> list[str]:
-        """Greedy continuations (new text only, special tokens dropped), cut before the first stop
-        string when given. ``chat=True``: each prompt is a user message for the chat template.
+    def generate(self, prompts: list[str], max_new_tokens: int, chat: bool = False, stop_when=None) -> list[str]:
+        """Greedy continuations (new text only, special tokens dropped). ``chat=True``: each prompt is a user message for the chat template.
         ``stop_when(new_text) -> bool``: a row may stop once it is True (its text is not cut);
         a batch stops when every row has (an early stop only saves time)."""
         from transformers import StoppingCriteriaList
@@ -124,8 +111,7 @@ class Scorer:
         out = [""] * len(prompts)
         for idx in self._batches(seqs):
             ids, mask = self._pad([seqs[i] for i in idx])
-            tests = [t for t in (_contains_any(stop_strings) if stop_strings else None, stop_when) if t]
-            stops = StoppingCriteriaList([_StopWhen(self.tokenizer, ids.shape[1], t) for t in tests]) or None
+            stops = StoppingCriteriaList([_StopWhen(self.tokenizer, ids.shape[1], stop_when)]) if stop_when else None
             with torch.inference_mode():
                 gen = self.model.generate(
                     input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
@@ -135,7 +121,7 @@ class Scorer:
                 )
             new = self.tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
             for i, text in zip(idx, new):
-                out[i] = cut_at_stop(text, stop_strings) if stop_strings else text
+                out[i] = text
         return out
 
     # ------------------------------------------------------------------ internals
@@ -196,17 +182,6 @@ class Scorer:
         return self.model.get_output_embeddings().weight.shape[0]
 
 
-def cut_at_stop(text: str, stop_strings: list[str]) -> str:
-    """``text`` up to (not including) the earliest occurrence of any stop string."""
-    cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=len(text))
-    return text[:cut]
-
-
-def _contains_any(stop_strings: list[str]):
-    stops = [s for s in stop_strings if s]
-    return lambda text: any(s in text for s in stops)
-
-
 class _StopWhen:
     """A stopping criterion: a row is done once ``test(its new text)`` is True."""
 
@@ -232,29 +207,3 @@ def _set_cpu_threads(threads: int | None) -> None:
         raise ValueError(f"threads must be >= 1, got {threads}")
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-
-
-def _load(name_or_path: str):
-    """(model, tokenizer): a LoRA adapter folder is merged onto its base; else hetray.models."""
-    from hetray.models import ModelNotFoundError, load_causal_lm
-
-    adapter = Path(name_or_path) / "adapter_config.json"
-    try:
-        if not adapter.is_file():
-            return load_causal_lm(name_or_path)
-        from peft import PeftModel
-        from transformers import AutoTokenizer
-
-        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
-        if not base:
-            raise ValueError(f"{adapter}: no base_model_name_or_path, so the adapter's base model is unknown")
-        log.info("merging LoRA adapter %s onto its base %s", name_or_path, base)
-        model, tokenizer = load_causal_lm(base)
-        model = PeftModel.from_pretrained(model, name_or_path).merge_and_unload()
-        if any((Path(name_or_path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path)  # the adapter's own (e.g. new pad)
-        return model, tokenizer
-    except ModelNotFoundError:
-        raise
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load model {name_or_path!r} as a causal LM: {e}") from e

@@ -1,5 +1,5 @@
 """WinoBias gender-bias metrics (paper A.4): Bias, Bias (Cluster), Bias (Entropy), Accuracy,
-Similarity, per type/split group and overall. Entry point: :func:`evaluate_winobias`.
+Similarity, per type/split group and overall: ``load_pairs`` -> ``score_pairs`` -> ``metrics.summarise`` (``SUITE``).
 
 Data. ``{pro,anti}_stereotyped_type{1,2}.txt.{dev,test}`` from a folder, ``sample:winobias``
 (the bundled excerpt) or ``hub`` (downloaded once from uclanlp/corefBias into
@@ -75,23 +75,19 @@ import urllib.request
 from pathlib import Path
 
 from hetray.eval import metrics
-from hetray.unify.sources.winobias import parse_line
+from hetray.eval.suite import Suite
+from hetray.models import resolve_sample
 
 HUB_URL = "https://raw.githubusercontent.com/uclanlp/corefBias/master/WinoBias/wino/data/"
-SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 PROMPT = '{sentence} "{pronoun}" refers to: '
+SIDES = ("pro", "anti")
 _BRACKET = re.compile(r"\[[^\[\]]*\]")
+_NUMBERED = re.compile(r"^\s*(\d+)(?:\s+(.*))?$")
+_CLUSTER = re.compile(r"\[([^\[\]]*)\]")
 
 
 class WinoBiasError(ValueError):
     """Bad WinoBias input: a missing file, a line without a cluster, unpaired files."""
-
-
-def evaluate_winobias(scorer, settings, max_new_tokens: int = 10, chunk_pairs: int = 256) -> dict:
-    """``{"overall": {...}, "by_group": {"type1/dev": {...}, ...}, "records": [per pair]}``."""
-    pairs = load_pairs(settings)
-    records = score_pairs(scorer, pairs, ("pro", "anti"), max_new_tokens, settings.bias_token, chunk_pairs)
-    return {**metrics.summarise_groups(records, "pro", "anti"), "records": records}
 
 
 # ---------------------------------------------------------------------------- data
@@ -117,7 +113,7 @@ def data_folder(path: str, splits, types) -> Path:
     """The local folder that holds the needed files (downloading them for ``hub``)."""
     if path == "hub":
         return fetch_hub(splits, types)
-    folder = SAMPLES / path[len("sample:"):] if path.startswith("sample:") else Path(path)
+    folder = Path(resolve_sample(path))
     if not folder.is_dir():
         raise WinoBiasError(f"WinoBias folder {path!r} does not exist")
     missing = [n for n in file_names(splits, types) if not (folder / n).is_file()]
@@ -159,6 +155,19 @@ def read_lines(path: Path) -> list[tuple[int, str]]:
     except UnicodeDecodeError as e:
         raise WinoBiasError(f"{path}: not UTF-8 text ({e})") from e
     return [(k, line.strip()) for k, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def parse_line(text: str) -> tuple[int | None, str, list[str]]:
+    """``"<n> <sentence>"`` -> ``(n or None, sentence without brackets, bracket contents)``, with
+    whitespace collapsed; ValueError on brackets that do not pair up. (The convert stage's
+    WinoBias reader parses lines the same way; the evaluation keeps its own copy.)"""
+    m = _NUMBERED.match(text)
+    n, sentence = (int(m.group(1)), m.group(2) or "") if m else (None, text)
+    clusters = [c.strip() for c in _CLUSTER.findall(sentence)]
+    rest = _CLUSTER.sub(lambda c: c.group(1), sentence)
+    if "[" in rest or "]" in rest:
+        raise ValueError(f"unbalanced brackets in {text!r}")
+    return n, " ".join(rest.split()), clusters
 
 
 def parse(path: Path, lineno: int, text: str) -> dict:
@@ -267,3 +276,30 @@ def _noun_index(scorer, prompt: str, referent: str) -> int:
     """How many answer tokens the referent's article takes (0 without an article)."""
     article, _ = metrics.referent_parts(referent)
     return len(scorer.continuation_token_ids(prompt, article)) if article else 0
+
+
+# ---------------------------------------------------------------------------- the suite
+
+# Table 1 of the paper; WinoGender's table has the same columns
+BIAS_COLUMNS = (
+    ("bias", "Bias", "lower"),
+    ("bias_entropy", "Bias (Entropy)", "lower"),
+    ("bias_cluster", "Bias (Cluster)", "lower"),
+    ("accuracy", "Accuracy", "higher"),
+    ("similarity", "Similarity", "higher"),
+)
+NOTE = ("Best value per column in bold. Bias, Bias (Entropy), Bias (Cluster): lower is better "
+        "(closest to 0); Accuracy: higher is better; Similarity: higher is better (the share of "
+        "pro/anti pairs with the same outcome: a model that treats both alike is less biased).")
+
+SUITE = Suite(
+    name="winobias", kind="policy", title="Table 1: gender bias on WinoBias",
+    columns=BIAS_COLUMNS + (("pairs", "pairs", None),),
+    load=lambda cfg, model=None: load_pairs(cfg.winobias),
+    score=lambda scorer, pairs, cfg: score_pairs(scorer, pairs, SIDES, cfg.max_new_tokens, cfg.winobias.bias_token),
+    aggregate=lambda records: metrics.summarise(records, *SIDES),
+    by_group=lambda records: metrics.summarise_groups(records, *SIDES)["by_group"],
+    plot_metrics=tuple((key, f"WinoBias {title}") for key, title, _ in BIAS_COLUMNS),
+    bias_plot=True,
+    note=NOTE,
+)

@@ -1,4 +1,4 @@
-"""WinoGender (rudinger/winogender-schemas) gender-bias metrics. Entry: :func:`evaluate_winogender`.
+"""WinoGender (rudinger/winogender-schemas) gender-bias metrics (``SUITE``).
 
 Data: ``all_sentences.tsv`` with a ``sentid<TAB>sentence`` header; ``sentid`` is
 ``{occupation}.{participant}.{answer}.{gender}.txt`` (``technician.customer.1.male.txt``).
@@ -30,8 +30,10 @@ import re
 from pathlib import Path
 
 from hetray.eval import metrics
-from hetray.eval.winobias import PROMPT, score_pairs
+from hetray.eval.suite import Suite
+from hetray.eval.winobias import BIAS_COLUMNS, NOTE, PROMPT, score_pairs
 
+SIDES = ("male", "female")
 GENDERS = ("male", "female", "neutral")
 _SENTID = re.compile(r"^([^.\s]+)\.([^.\s]+)\.([01])\.(male|female|neutral)\.txt$")
 
@@ -40,13 +42,12 @@ class WinoGenderError(ValueError):
     """Bad WinoGender input, named by file and line."""
 
 
-def evaluate_winogender(scorer, settings, max_new_tokens: int = 10, chunk_pairs: int = 256) -> dict:
-    """``{"overall": {...}, "by_group": {"occupation": {...}, "participant": {...}}, "records": [...]}``."""
+def load_pairs(settings) -> list[dict]:
+    """``settings``: ``EvalConfig.winogender``."""
     if not settings.path:
-        raise WinoGenderError("eval.winogender.path is not set: point it at WinoGender's all_sentences.tsv")
-    pairs = read_pairs(Path(settings.path), settings.limit)
-    records = score_pairs(scorer, pairs, ("male", "female"), max_new_tokens, settings.bias_token, chunk_pairs)
-    return {**metrics.summarise_groups(records, "male", "female"), "records": records}
+        raise WinoGenderError("suite winogender: eval.winogender.path is not set: point it at WinoGender's "
+                              "all_sentences.tsv")
+    return read_pairs(Path(settings.path), settings.limit)
 
 
 def read_rows(path: Path) -> list[tuple[int, str, str]]:
@@ -123,3 +124,16 @@ def find_referent(sentence: str, word: str) -> str | None:
     if m is None:
         return None
     return f"{m.group(1).lower()} {word}" if m.group(1) else word
+
+
+SUITE = Suite(
+    name="winogender", kind="policy", title="Gender bias on WinoGender",
+    columns=BIAS_COLUMNS + (("pairs", "pairs", None),),
+    load=lambda cfg, model=None: load_pairs(cfg.winogender),
+    score=lambda scorer, pairs, cfg: score_pairs(scorer, pairs, SIDES, cfg.max_new_tokens, cfg.winogender.bias_token),
+    aggregate=lambda records: metrics.summarise(records, *SIDES),
+    by_group=lambda records: metrics.summarise_groups(records, *SIDES)["by_group"],
+    plot_metrics=tuple((key, f"WinoGender {title}") for key, title, _ in BIAS_COLUMNS),
+    bias_plot=True,
+    note=NOTE,
+)

@@ -9,31 +9,24 @@ the option whose context makes the rest of the sentence more likely is the predi
     contexts:     "... because the trophy" | "... because the suitcase"
     continuation: " was too large."
 
-``load_items`` -> ``score_items`` -> ``aggregate`` is the whole suite; the runner splits the
-items across Ray actors and aggregates the concatenated records, so ``aggregate`` is a pure
-function of the records.
+``load_items`` -> ``score_items`` -> ``aggregate`` is the whole suite (``SUITE``).
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import orjson
 
-from hetray.unify.sources.readers import InputError, iter_records
+from hetray.eval.suite import Suite
+from hetray.models import resolve_sample
 
 log = logging.getLogger(__name__)
 
-SAMPLES_PREFIX = "sample:"
 
-
-def resolve_path(path: str) -> str:
-    """``sample:NAME`` -> the bundled sample; anything else as is."""
-    if path.startswith(SAMPLES_PREFIX):
-        from hetray.unify.convert import SAMPLES
-
-        return str(SAMPLES / path[len(SAMPLES_PREFIX):])
-    return path
+class WinoGrandeError(ValueError):
+    """Bad WinoGrande input; the message names the file and line."""
 
 
 def partial_context(sentence: str, option: str) -> str:
@@ -46,19 +39,27 @@ def partial_target(sentence: str) -> str:
     return " " + sentence[sentence.index("_") + 1:].strip()
 
 
+def read_rows(path: str):
+    """``(file:line, parsed JSON)`` of every non-blank line of a jsonl file."""
+    file = Path(resolve_sample(path))
+    if not file.is_file():
+        raise WinoGrandeError(f"WinoGrande file {path!r} does not exist")
+    with open(file, "rb") as f:
+        for line, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                yield f"{file}:{line}", orjson.loads(raw)
+            except orjson.JSONDecodeError as e:
+                raise WinoGrandeError(f"{file}:{line}: not valid JSON: {e}") from None
+
+
 def load_items(path: str, limit: int | None = None) -> list[dict]:
     """The rows of a WinoGrande jsonl (``qID``, ``sentence``, ``option1``, ``option2``,
     ``answer``). Rows without an answer (the test split) are skipped with a warning; any other
-    row that cannot be scored is an ``InputError`` naming the file and line."""
+    row that cannot be scored is a ``WinoGrandeError`` naming the file and line."""
     items, unanswered = [], 0
-    for row in iter_records(resolve_path(path)):
-        where = f"{row['file']}:{row['line']}"
-        if row["error"]:
-            raise InputError(f"{where}: {row['error']}")
-        try:
-            obj = orjson.loads(row["text"])
-        except orjson.JSONDecodeError as e:
-            raise InputError(f"{where}: not valid JSON: {e}") from None
+    for where, obj in read_rows(path):
         if isinstance(obj, dict) and obj.get("answer") in (None, ""):  # a test-split row: nothing to check
             unanswered += 1
             continue
@@ -68,24 +69,24 @@ def load_items(path: str, limit: int | None = None) -> list[dict]:
     if unanswered:
         log.warning("winogrande: %d row(s) of %s have no answer (test split?) and are skipped", unanswered, path)
     if not items:
-        raise InputError(f"WinoGrande file {path!r} holds no rows with an answer")
+        raise WinoGrandeError(f"WinoGrande file {path!r} holds no rows with an answer")
     return items
 
 
 def _item(obj, where: str) -> dict:
     if not isinstance(obj, dict):
-        raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        raise WinoGrandeError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     for field in ("sentence", "option1", "option2"):
         if not isinstance(obj.get(field), str) or not obj[field].strip():
-            raise InputError(f"{where}: field {field!r} is missing or not a non-empty string")
+            raise WinoGrandeError(f"{where}: field {field!r} is missing or not a non-empty string")
     sentence = obj["sentence"]
     answer = str(obj["answer"]).strip()
     if answer not in ("1", "2"):
-        raise InputError(f"{where}: field 'answer' is {obj['answer']!r}, expected '1' or '2'")
+        raise WinoGrandeError(f"{where}: field 'answer' is {obj['answer']!r}, expected '1' or '2'")
     if sentence.count("_") != 1:
-        raise InputError(f"{where}: field 'sentence' must have exactly one '_' blank, has {sentence.count('_')}")
+        raise WinoGrandeError(f"{where}: field 'sentence' must have exactly one '_' blank, has {sentence.count('_')}")
     if not sentence[sentence.index("_") + 1:].strip():
-        raise InputError(f"{where}: nothing follows the blank in 'sentence', so there is nothing to score")
+        raise WinoGrandeError(f"{where}: nothing follows the blank in 'sentence', so there is nothing to score")
     return {"id": str(obj.get("qID") or where), "sentence": sentence, "option1": obj["option1"],
             "option2": obj["option2"], "answer": int(answer)}
 
@@ -112,7 +113,11 @@ def aggregate(records: list[dict]) -> dict:
     return {"accuracy": sum(r["correct"] for r in records) / n if n else float("nan"), "items": n}
 
 
-def evaluate_winogrande(scorer, settings) -> dict:
-    """``settings``: ``EvalConfig.winogrande``. Returns ``{"overall", "records"}``."""
-    records = score_items(scorer, load_items(settings.path, settings.limit))
-    return {"overall": aggregate(records), "records": records}
+SUITE = Suite(
+    name="winogrande", kind="policy", title="WinoGrande accuracy (partial scoring)",
+    columns=(("accuracy", "Accuracy", "higher"), ("items", "items", None)),
+    load=lambda cfg, model=None: load_items(cfg.winogrande.path, cfg.winogrande.limit),
+    score=lambda scorer, items, cfg: score_items(scorer, items),
+    aggregate=aggregate,
+    plot_metrics=(("accuracy", "WinoGrande accuracy"),),
+)

@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 from hetray import stage as mf
 from hetray.config import ConfigError, JobConfig
 from hetray.schema import PREFERENCE_SCHEMA, prompt_id
-from hetray.unify.summary import parquet_files
+from hetray.schema import parquet_files
 
 log = logging.getLogger(__name__)
 

@@ -7,12 +7,12 @@ A job's ``run_dir`` (the *root*) holds the shared stages::
     <root>/shared/k<K>/clusters/                                  clusters for another k
     <root>/runs/<selection>/                                      one folder per selection setting
 
-``derive(root_cfg, run_dir, ...)`` makes ``run_dir`` with symbolic links to the shared folders
-and returns the job config pointed at it, so every stage module runs unchanged on it: manifest
-fingerprints resolve links (``manifest.fingerprint_dir``), so a linked stage is up to date
-exactly when its owner is, and is skipped. A linked folder is never written through: the
-clusters for a new k are made in ``<root>/shared/k<K>`` (under a file lock, so parallel Tune
-trials never compute them twice) before they are linked.
+``shared_clusters(root_cfg, k)`` runs the cluster stage for ``k`` once (the job's own k in
+``<root>/clusters``, any other in ``<root>/shared/k<K>``). ``derive(root_cfg, run_dir, clusters)``
+then makes ``run_dir`` with relative symbolic links to the shared folders and returns the job
+config pointed at it, so every stage module runs unchanged on it: a stage folder is
+fingerprinted by its manifest key, so a linked stage is up to date exactly when its owner is.
+A linked folder is never written through.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from hetray import stage as mf
+from hetray.stage import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -48,68 +48,75 @@ def _locked(path: Path):
 
 
 def _link(target: Path, link: Path) -> None:
-    """Point ``link`` at ``target`` (absolute), replacing an older link; refuse to replace data."""
+    """Point ``link`` at ``target`` by a relative path (a moved tree keeps working); replace an
+    older link; refuse to replace data."""
+    rel = os.path.relpath(target, link.parent)
     if link.is_symlink():
-        if Path(os.readlink(link)) == target:
+        if os.readlink(link) == rel:
             return
         link.unlink()
     elif link.exists():
         raise FileExistsError(f"{link} is a real folder, not a link to the shared {target.name}/: remove it")
-    link.symlink_to(target, target_is_directory=True)
+    link.symlink_to(rel, target_is_directory=True)
 
 
-def _with(cfg, **changes):
+def with_settings(cfg, **changes):
     """A copy of a job config with dotted changes (validated like a job file)."""
-    from hetray.config import JobConfig, _set_dotted
+    from hetray.config import JobConfig, set_dotted
 
     data = cfg.model_dump(mode="json")
     for dotted, value in changes.items():
-        _set_dotted(data, dotted, value)
+        set_dotted(data, dotted, value)
     return JobConfig.model_validate(data)
 
 
-def shared_clusters(root_cfg, n_clusters: int) -> Path:
+def clusters_folder(root_cfg, n_clusters: int) -> Path:
+    """Where the clusters for ``n_clusters`` live (``shared_clusters`` makes them)."""
+    root = Path(root_cfg.run_dir).resolve()
+    return root / "clusters" if n_clusters == root_cfg.cluster.n_clusters else root / "shared" / f"k{n_clusters}" / "clusters"
+
+
+def shared_clusters(root_cfg, n_clusters: int, force: bool = False) -> Path:
     """The clusters folder for ``n_clusters`` over the root's embeddings, computed once.
 
     The job's own k lives in ``<root>/clusters``; any other k in ``<root>/shared/k<K>/``, a
-    small run folder of its own (links to the embeddings + real clusters/)."""
+    small run folder of its own (links to the embeddings + real clusters/). A file lock keeps
+    parallel Tune trials from computing one k twice."""
     from hetray.selection.clustering import run_cluster
 
     root = Path(root_cfg.run_dir).resolve()
-    if n_clusters == root_cfg.cluster.n_clusters:
-        with _locked(root / ".locks" / f"k{n_clusters}"):
-            run_cluster(root_cfg)  # skipped when up to date
-        return root / "clusters"
-    home = root / "shared" / f"k{n_clusters}"
     with _locked(root / ".locks" / f"k{n_clusters}"):
+        if n_clusters == root_cfg.cluster.n_clusters:
+            run_cluster(root_cfg, force=force)  # skipped when up to date
+            return clusters_folder(root_cfg, n_clusters)
+        home = clusters_folder(root_cfg, n_clusters).parent
         home.mkdir(parents=True, exist_ok=True)
         _link(root / "embeddings", home / "embeddings")
-        run_cluster(_with(root_cfg, run_dir=str(home), **{"cluster.n_clusters": n_clusters}))
-    return home / "clusters"
+        run_cluster(with_settings(root_cfg, run_dir=str(home), **{"cluster.n_clusters": n_clusters}), force=force)
+    return clusters_folder(root_cfg, n_clusters)
 
 
-def derive(root_cfg, run_dir: str | os.PathLike, *, n_clusters: int | None = None,
-           fraction: float | None = None, sources: list[str] | None = None, changes: dict | None = None):
-    """Make ``run_dir`` share the root's data stages and return the job config for it.
-
-    The root must already hold ``preferences/`` and ``embeddings/`` (``hetray convert`` and
-    ``hetray embed``); clusters for ``n_clusters`` are made here when missing. ``changes`` are
-    further dotted settings (``{"train.reward.max_steps": 8}``)."""
+def derive(root_cfg, run_dir: str | os.PathLike, clusters: Path, *, fraction: float | None = None,
+           sources: list[str] | None = None, changes: dict | None = None):
+    """Make ``run_dir`` share the root's data stages and the given ``clusters/`` folder (from
+    ``shared_clusters``), and return the job config for it. ``changes`` are further dotted
+    settings (``{"train.reward.max_steps": 8}``)."""
     root = Path(root_cfg.run_dir).resolve()
     for name in ("preferences", "embeddings"):
-        if mf.read_manifest(root / name) is None:
+        if read_manifest(root / name) is None:
             raise FileNotFoundError(f"{root / name} is missing: run convert and embed on the job first")
-    k = n_clusters or root_cfg.cluster.n_clusters
-    clusters = shared_clusters(root_cfg, k)
+    m = read_manifest(clusters)
+    if m is None:
+        raise FileNotFoundError(f"{clusters} is missing: run the cluster stage first")
     run = Path(run_dir).resolve()
     run.mkdir(parents=True, exist_ok=True)
     for name in SHARED_DATA:
         if (root / name).exists():
             _link(root / name, run / name)
-    _link(clusters, run / "clusters")
-    settings = {"run_dir": str(run), "cluster.n_clusters": k, **(changes or {})}
+    _link(Path(clusters).resolve(), run / "clusters")
+    settings = {"run_dir": str(run), "cluster.n_clusters": m["config"]["cluster"]["n_clusters"], **(changes or {})}
     if fraction is not None:
         settings["select.fraction"] = fraction
     if sources is not None:
         settings["select.sources"] = list(sources)
-    return _with(root_cfg, **settings)
+    return with_settings(root_cfg, **settings)

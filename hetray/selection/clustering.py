@@ -1,4 +1,4 @@
-"""Stage 3, cluster: embeddings -> k-means centroids and the cluster of every prompt.
+"""Stage 3, cluster (k-means; not to be confused with a Ray cluster): embeddings -> k-means centroids and the cluster of every prompt.
 
 ``run_cluster(cfg)`` reads ``<run_dir>/embeddings/*.parquet`` (written by ``hetray embed``),
 fits the distributed k-means of ``hetray.selection.kmeans`` with ``cfg.cluster`` and ``cfg.seed``, and
@@ -8,29 +8,23 @@ writes::
     clusters/assignments/        ASSIGNMENT_SCHEMA: prompt_id, cluster, squared distance
     clusters/manifest.json       config, input fingerprint, inertia(s), iterations, sizes, time
 
-Like every stage it is skipped when its manifest key (config + the embeddings' fingerprint)
-is unchanged, and it writes into a temporary folder that replaces ``clusters/`` only once
-everything has succeeded, so a failed run leaves the previous result intact.
+The stage runner (``hetray.stage``) skips it when the settings and the embeddings are
+unchanged, and commits ``clusters/`` only once everything has succeeded.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hetray import stage as mf
 from hetray.config import JobConfig
-from hetray.selection.kmeans import assign, fit_kmeans
 from hetray.schema import ASSIGNMENT_SCHEMA
-from hetray.unify.sources.readers import InputError
+from hetray.selection.kmeans import assign, fit_kmeans
+from hetray.stage import Stage, require_ray, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +38,7 @@ def embedding_files(run_dir: Path) -> list[str]:
     folder = run_dir / "embeddings"
     files = sorted(str(p) for p in folder.glob("*.parquet")) if folder.is_dir() else []
     if not files:
-        raise InputError(f"no embeddings in {folder}: run `hetray embed` first")
+        raise FileNotFoundError(f"no embeddings in {folder}: run `hetray embed` first")
     return files
 
 
@@ -59,64 +53,26 @@ def cluster_sizes(folder: Path, k: int) -> list[int]:
 
 def run_cluster(cfg: JobConfig, force: bool = False) -> dict:
     """Cluster the run's embeddings into ``cfg.cluster.n_clusters`` groups. Returns the manifest."""
-    import ray
-
-    from hetray.orchestrate.ray_init import init_ray
-
-    started = time.time()
     run_dir = Path(cfg.run_dir)
     files = embedding_files(run_dir)
-    inputs = [{"embeddings": mf.fingerprint_dir(run_dir / "embeddings")}]
-    config = {"seed": cfg.seed, "cluster": cfg.cluster.model_dump(mode="json")}
-    key = mf.stage_key("cluster", config, inputs)
-    out_dir = run_dir / "clusters"
-    if (
-        not force
-        and mf.is_up_to_date(out_dir, key)
-        and (out_dir / "centroids.npy").is_file()
-        and (out_dir / "assignments").is_dir()
-    ):
-        log.info("cluster: %s is up to date (key %s), skipping", out_dir, key)
-        return mf.read_manifest(out_dir)
+    stage = Stage("cluster", run_dir, outputs=("clusters",), required=("centroids.npy", "assignments"),
+                  config={"seed": cfg.seed, "cluster": cfg.cluster.model_dump(mode="json")},
+                  inputs=[run_dir / "embeddings"])
 
-    init_ray(cfg.ray)
-    c = cfg.cluster
-    tmp = run_dir / f".cluster-tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    def work(tmp: Path) -> dict:
+        import ray
+
+        require_ray("cluster")
+        c, out = cfg.cluster, tmp / "clusters"
         ds = ray.data.read_parquet(files).select_columns(["prompt_id", "vector"]).materialize()
-        res = fit_kmeans(
-            ds,
-            c.n_clusters,
-            n_init=c.n_init,
-            max_iter=c.max_iter,
-            tol=c.tol,
-            init=c.init,
-            sample_size=c.sample_size,
-            batch_size=c.batch_size,
-            seed=cfg.seed,
-        )
+        res = fit_kmeans(ds, c.n_clusters, n_init=c.n_init, max_iter=c.max_iter, tol=c.tol, init=c.init,
+                         sample_size=c.sample_size, batch_size=c.batch_size, seed=cfg.seed)
         log.info("cluster: inertia %.4f after %d iterations (restart %d)", res.inertia, res.n_iter, res.best_init)
-        np.save(tmp / "centroids.npy", res.centroids)
+        np.save(out / "centroids.npy", res.centroids)
         assigned = assign(ds, res.centroids, c.batch_size).map_batches(to_assignments, batch_format="pyarrow")
-        assigned.write_parquet(str((tmp / "assignments").resolve()))
-        manifest = mf.new_manifest("cluster", key, config, inputs, started)
-        manifest.update(
-            {
-                "rows": res.n_samples,
-                "dim": int(res.centroids.shape[1]),
-                "inertia": res.inertia,
-                "n_iter": res.n_iter,
-                "best_init": res.best_init,
-                "inertias": res.inertias,
-                "n_iters": res.n_iters,
-                "sizes": cluster_sizes(tmp / "assignments", c.n_clusters),
-            }
-        )
-        mf.write_manifest(tmp, manifest)
-        if out_dir.exists():  # commit: the new folder replaces the old one
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return manifest
+        assigned.write_parquet(str(out / "assignments"))
+        return {"rows": res.n_samples, "dim": int(res.centroids.shape[1]), "inertia": res.inertia,
+                "n_iter": res.n_iter, "best_init": res.best_init, "inertias": res.inertias, "n_iters": res.n_iters,
+                "sizes": cluster_sizes(out / "assignments", c.n_clusters)}
+
+    return run_stage(stage, work, force=force)

@@ -13,29 +13,24 @@ them (``num_gpus_per_actor: auto``) and otherwise runs torch with one thread per
 An actor call holds up to 16 encode batches, which ``encode`` sorts by length: short prompts
 are not padded to the length of long ones (``plan_calls``).
 
-The stage is skipped when its manifest key (the embed config and the fingerprint of
-``preferences/``) is unchanged: same prompts and model -> the stored vectors are re-used.
-Outputs are written into a temporary folder and moved into place when the stage has succeeded.
+The stage runner (``hetray.stage``) skips it when the model and the prompts are unchanged: the
+stored vectors are re-used.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hetray import stage as mf
 from hetray.config import JobConfig
 from hetray.schema import embedding_schema, prompt_id
-from hetray.unify.sources.readers import InputError
+from hetray.stage import Stage, require_ray, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +95,11 @@ def preference_files(run_dir: Path) -> tuple[list[str], int]:
     """The Parquet files of ``preferences/`` and their number of rows (from the footers)."""
     folder = run_dir / "preferences"
     if not folder.is_dir():
-        raise InputError(f"{folder} does not exist: run `hetray convert` first")
+        raise FileNotFoundError(f"{folder} does not exist: run `hetray convert` first")
     files = sorted(str(p) for p in folder.glob("*.parquet"))
     n_rows = sum(pq.read_metadata(f).num_rows for f in files)
     if n_rows == 0:
-        raise InputError(f"no prompts to embed: {folder} holds no preference pairs")
+        raise ValueError(f"no prompts to embed: {folder} holds no preference pairs")
     return files, n_rows
 
 
@@ -115,7 +110,7 @@ def actor_resources(e) -> tuple[float, str, int]:
     cluster = ray.cluster_resources()
     spare = cluster.get("CPU", 0) - e.num_actors * e.num_cpus_per_actor
     if spare < 1:  # the read, shuffle and write tasks would wait for the actors forever
-        raise InputError(
+        raise ValueError(
             f"embed: {e.num_actors} actor(s) x {e.num_cpus_per_actor:g} CPU leave {spare:g} of the "
             f"cluster's {cluster.get('CPU', 0):g} CPUs for reading and writing (need 1): lower "
             "embed.num_actors or embed.num_cpus_per_actor"
@@ -161,60 +156,41 @@ def build_dataset(files: list[str], n_prompts: int, e, gpus: float, device: str,
 # ---------------------------------------------------------------------------- entry point
 
 
-def embed_key(cfg: JobConfig) -> tuple[str, dict, list[dict]]:
-    """-> (key, config, inputs): the stage re-runs when the model or the prompts change.
+def embed_stage(cfg: JobConfig) -> Stage:
+    """The stage as the runner sees it: only the model and the prompts enter its key."""
+    run_dir = Path(cfg.run_dir)
+    return Stage("embed", run_dir, outputs=("embeddings",), config={"model": cfg.embed.model},
+                 inputs=[run_dir / "preferences"])
+
+
+def run_embed(cfg: JobConfig, force: bool = False) -> dict:
+    """Embed every distinct prompt of ``cfg.run_dir``'s preferences. Returns the manifest.
 
     Only the model enters the key: batch size, actor count and devices change how fast the
     vectors come, not what they are, so Tune trials and re-runs with other resources reuse them.
     """
-    inputs = [{"preferences": mf.fingerprint_dir(Path(cfg.run_dir) / "preferences")}]
-    config = {"embed": cfg.embed.model_dump(mode="json")}
-    return mf.stage_key("embed", {"model": cfg.embed.model}, inputs), config, inputs
-
-
-def run_embed(cfg: JobConfig, force: bool = False) -> dict:
-    """Embed every distinct prompt of ``cfg.run_dir``'s preferences. Returns the manifest."""
     from hetray.models import check_model, resolve_embedder
-    from hetray.orchestrate.ray_init import init_ray
 
-    started = time.time()
     run_dir = Path(cfg.run_dir)
     files, n_prompts = preference_files(run_dir)  # every check before any work
-    key, config, inputs = embed_key(cfg)
-    out_dir = run_dir / "embeddings"
-    if not force and mf.is_up_to_date(out_dir, key):
-        log.info("embed: %s is up to date (key %s), skipping", out_dir, key)
-        return mf.read_manifest(out_dir)
+    stage = embed_stage(cfg)
 
-    check_model(cfg.embed.model)  # a wrong name fails here, not in every actor
-    init_ray(cfg.ray)
-    gpus, device, threads = actor_resources(cfg.embed)
-    tmp = run_dir / f".embed-tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        ds = build_dataset(files, n_prompts, cfg.embed, gpus, device, threads)
-        ds.write_parquet(str(tmp.resolve()), min_rows_per_file=ROWS_PER_FILE)
-        written = sorted(tmp.glob("*.parquet"))
+    def work(tmp: Path) -> dict:
+        require_ray("embed")
+        check_model(cfg.embed.model)  # a wrong name fails here, not in every actor
+        started = time.time()
+        gpus, device, threads = actor_resources(cfg.embed)
+        out = tmp / "embeddings"
+        build_dataset(files, n_prompts, cfg.embed, gpus, device, threads).write_parquet(
+            str(out), min_rows_per_file=ROWS_PER_FILE)
+        written = sorted(out.glob("*.parquet"))
         n_distinct = sum(pq.read_metadata(f).num_rows for f in written)
-        dim = pq.read_schema(written[0]).field("vector").type.list_size
-        manifest = mf.new_manifest("embed", key, config, inputs, started)
-        manifest.update(
-            model=cfg.embed.model,
-            model_path=resolve_embedder(cfg.embed.model),
-            device=device,
-            dim=dim,
-            prompts=n_prompts,
-            distinct_prompts=n_distinct,
-            prompts_per_s=round(n_distinct / max(manifest["wall_time_s"], 1e-9), 1),
-        )
-        mf.write_manifest(tmp, manifest)
-        if out_dir.exists():  # commit: move the new outputs into place
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info(
-        "embed: %d distinct of %d prompts in %.1fs (%.1f prompts/s, %s, %d actor(s)) -> %s",
-        n_distinct, n_prompts, manifest["wall_time_s"], manifest["prompts_per_s"], device,
-        cfg.embed.num_actors, out_dir,
-    )
-    return manifest
+        wall = time.time() - started
+        log.info("embed: %d distinct of %d prompts in %.1fs (%.1f prompts/s, %s, %d actor(s))",
+                 n_distinct, n_prompts, wall, n_distinct / max(wall, 1e-9), device, cfg.embed.num_actors)
+        return {"settings": cfg.embed.model_dump(mode="json"), "model_path": resolve_embedder(cfg.embed.model),
+                "device": device, "dim": pq.read_schema(written[0]).field("vector").type.list_size,
+                "prompts": n_prompts, "distinct_prompts": n_distinct,
+                "prompts_per_s": round(n_distinct / max(wall, 1e-9), 1)}
+
+    return run_stage(stage, work, force=force)

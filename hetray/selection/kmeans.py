@@ -346,7 +346,21 @@ def _update(old, sums, counts, far_d, far_x) -> np.ndarray:
     return new
 
 
-def fit_kmeans(
+def fit_kmeans(ds, n_clusters: int, **kwargs) -> KMeansResult:
+    """k-means with ``n_init`` restarts over a Ray Dataset; the lowest inertia wins (see
+    ``_fit``). Passes reduce in block order (``preserve_order``) on the dataset's own context;
+    Ray's global DataContext is left as it was."""
+    from ray.data import DataContext
+
+    options = DataContext.get_current().execution_options
+    saved = options.preserve_order
+    try:
+        return _fit(ds, n_clusters, **kwargs)
+    finally:
+        options.preserve_order = saved
+
+
+def _fit(
     ds,
     n_clusters: int,
     *,

@@ -1,7 +1,8 @@
 """Stage 4, select: the training set ``D_train`` = the top fraction of each cluster by quality,
 stratified so every source keeps its share (paper 2.4, 2.5, A.3).
 
-``run_select(cfg)`` runs ``embed`` and ``cluster`` first (each is skipped when up to date), then:
+``run_select(cfg)`` reads ``preferences/`` and ``clusters/`` (the ``convert``, ``embed`` and
+``cluster`` stages must have run; ``hetray run`` runs them in order), then:
 
 1. Ray Data reads the narrow view of the pairs in parallel (``pair_id``, ``prompt_id`` = hash
    of the prompt, ``source``, ``quality``, and ``tie``, a seeded hash of ``pair_id``) and the
@@ -23,9 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +32,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hetray import stage as mf
+from ray.data.datasource import Datasink
+
 from hetray.config import JobConfig
+from hetray.schema import PREFERENCE_SCHEMA, make_id, parquet_files
+from hetray.selection.report import write_report
 from hetray.selection.rules import near_duplicates, order, quotas, ranking, tie_hash
-from hetray.schema import PREFERENCE_SCHEMA, make_id
-from hetray.unify.summary import parquet_files
+from hetray.stage import Stage, read_manifest, require_ray, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -62,53 +62,43 @@ def _keep_selected(batch: pa.Table, ids) -> pa.Table:
     return batch.filter(pc.is_in(batch["pair_id"], value_set=ids))
 
 
-class _OrderedParquetSink:
+class OrderedParquetSink(Datasink):
     """Writes blocks in order into part-00000.parquet, ... (deterministic names)."""
 
-    def __new__(cls, folder: str, schema: pa.Schema):
-        from ray.data.datasource import Datasink
+    def __init__(self, folder: str, schema: pa.Schema):
+        self.folder, self.schema = folder, schema
 
-        class Sink(Datasink):
-            def write(self, blocks, ctx):
-                path = os.path.join(folder, f"part-{ctx.task_idx:05d}.parquet")
-                rows = 0
-                with pq.ParquetWriter(path, schema) as w:
-                    for block in blocks:
-                        w.write_table(block.select(schema.names).cast(schema))
-                        rows += block.num_rows
-                return rows
-
-        return Sink()
+    def write(self, blocks, ctx) -> int:
+        path = os.path.join(self.folder, f"part-{ctx.task_idx:05d}.parquet")
+        rows = 0
+        with pq.ParquetWriter(path, self.schema) as w:
+            for block in blocks:
+                w.write_table(block.select(self.schema.names).cast(self.schema))
+                rows += block.num_rows
+        return rows
 
 
 def run_select(cfg: JobConfig, force: bool = False, out_name: str = "selected") -> dict:
-    """Embed, cluster (both skipped when up to date) and select. Returns the select manifest."""
-    import ray
-
-    from hetray.selection.clustering import run_cluster
-    from hetray.selection.embed import run_embed
-    from hetray.orchestrate.ray_init import init_ray
-
-    started = time.time()
+    """Select ``D_train`` from the run's pairs and clusters. Returns the select manifest."""
     run_dir = Path(cfg.run_dir)
-    pref_files = [f for f in parquet_files(run_dir / "preferences")]
+    pref_files = parquet_files(run_dir / "preferences")
     if not pref_files:
         raise FileNotFoundError(f"{run_dir / 'preferences'} holds no pairs: run `hetray convert` first")
     n_pairs = sum(pq.ParquetFile(f).metadata.num_rows for f in pref_files)
     if n_pairs == 0:
         raise ValueError(f"{run_dir / 'preferences'} is an empty preference set: nothing to select from")
+    if read_manifest(run_dir / "clusters") is None:
+        raise FileNotFoundError(f"{run_dir / 'clusters'} is missing: run `hetray embed` and `hetray cluster` first")
+    stage = Stage("select", run_dir, outputs=(out_name,),
+                  config={"seed": cfg.seed, "select": cfg.select.model_dump(mode="json")},
+                  inputs=[run_dir / "preferences", run_dir / "clusters"])
+    return run_stage(stage, lambda tmp: _select(cfg, run_dir, pref_files, n_pairs, tmp / out_name), force=force)
 
-    init_ray(cfg.ray)
-    run_embed(cfg)  # each skipped when up to date; --force re-runs only the selection
-    run_cluster(cfg)
-    out_dir = run_dir / out_name
-    config = {"seed": cfg.seed, "select": cfg.select.model_dump(mode="json")}
-    inputs = [mf.fingerprint_dir(run_dir / "preferences"), mf.fingerprint_dir(run_dir / "clusters")]
-    key = mf.stage_key("select", config, inputs)
-    if not force and mf.is_up_to_date(out_dir, key):
-        log.info("select: %s is up to date (key %s), skipping", out_dir, key)
-        return mf.read_manifest(out_dir)
 
+def _select(cfg: JobConfig, run_dir: Path, pref_files: list[str], n_pairs: int, out: Path) -> dict:
+    import ray
+
+    require_ray("select")
     s = cfg.select
     narrow = ray.data.read_parquet(pref_files).select_columns(["pair_id", "prompt", "source", "quality"])
     narrow = narrow.map_batches(_narrow, fn_kwargs={"seed": cfg.seed}, batch_format="pyarrow")
@@ -143,49 +133,35 @@ def run_select(cfg: JobConfig, force: bool = False, out_name: str = "selected") 
     kept_df = ranked[rank_in_cell.to_numpy() < limit]
     ids = pa.array(np.sort(kept_df["pair_id"].to_numpy().astype(str)))
 
-    tmp = run_dir / f".{out_name}-tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    ctx = ray.data.DataContext.get_current()
+    preserve = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
     try:
-        ctx = ray.data.DataContext.get_current()
-        preserve = ctx.execution_options.preserve_order
-        ctx.execution_options.preserve_order = True
-        try:
-            full = ray.data.read_parquet(pref_files)
-            full.map_batches(_keep_selected, fn_kwargs={"ids": ids}, batch_format="pyarrow").write_datasink(
-                _OrderedParquetSink(str(tmp.resolve()), PREFERENCE_SCHEMA)
-            )
-        finally:
-            ctx.execution_options.preserve_order = preserve
-        for f in tmp.glob("part-*.parquet"):  # empty parts carry no rows; drop them
-            if pq.ParquetFile(f).metadata.num_rows == 0:
-                f.unlink()
-        if not any(tmp.glob("*.parquet")):
-            pq.write_table(PREFERENCE_SCHEMA.empty_table(), tmp / "part-00000.parquet")
-        after = kept_df.groupby(["cluster", "source"]).size().rename("kept").reset_index()
-        table = plan.merge(after, on=["cluster", "source"], how="left").fillna({"kept": 0})
-        table["kept"] = table["kept"].astype(int)
-        from hetray.selection.report import write_report
-
-        report = write_report(tmp, cfg, table, _quality_sample(joined, kept_df), _examples(assign, run_dir, s.examples_per_cluster))
-        manifest = mf.new_manifest("select", key, config, inputs, started)
-        manifest.update(
-            {
-                "pairs_in": n_pairs,
-                "pairs_selected": int(len(kept_df)),
-                "dropped_near_duplicates": dropped_dup,
-                "n_clusters": int(cfg.cluster.n_clusters),
-                "cells": table.to_dict(orient="records"),
-                "report": report,
-            }
+        full = ray.data.read_parquet(pref_files)
+        full.map_batches(_keep_selected, fn_kwargs={"ids": ids}, batch_format="pyarrow").write_datasink(
+            OrderedParquetSink(str(out), PREFERENCE_SCHEMA)
         )
-        mf.write_manifest(tmp, manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("select: kept %d of %d pairs (fraction %s) -> %s", len(kept_df), n_pairs, s.fraction, out_dir)
-    return manifest
+        ctx.execution_options.preserve_order = preserve
+    for f in out.glob("part-*.parquet"):  # empty parts carry no rows; drop them
+        if pq.ParquetFile(f).metadata.num_rows == 0:
+            f.unlink()
+    if not any(out.glob("*.parquet")):
+        pq.write_table(PREFERENCE_SCHEMA.empty_table(), out / "part-00000.parquet")
+    after = kept_df.groupby(["cluster", "source"]).size().rename("kept").reset_index()
+    table = plan.merge(after, on=["cluster", "source"], how="left").fillna({"kept": 0})
+    table["kept"] = table["kept"].astype(int)
+    report = write_report(out, cfg, table, _quality_sample(joined, kept_df),
+                          _examples(assign, run_dir, s.examples_per_cluster))
+    log.info("select: kept %d of %d pairs (fraction %s)", len(kept_df), n_pairs, s.fraction)
+    return {
+        "pairs_in": n_pairs,
+        "pairs_selected": int(len(kept_df)),
+        "dropped_near_duplicates": dropped_dup,
+        "n_clusters": int(cfg.cluster.n_clusters),
+        "cells": table.to_dict(orient="records"),
+        "report": report,
+    }
 
 
 def _dedup(joined: pd.DataFrame, run_dir: Path, s) -> pd.DataFrame:

@@ -10,37 +10,37 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hetray.train import common
+from hetray.models import CAUSAL, load_model, load_tokenizer
+from hetray.pairs import pair_rows, uses_chat
+from hetray.train.driver import STAGE_MODEL_DIR, StageJob, resolve_base, train_stage
+from hetray.train.worker import lora_config, training_args
 
 
 def run_dpo(cfg, force: bool = False) -> dict:
     """Train (or skip, when up to date) the DPO policy. Returns its manifest."""
     s = cfg.train.dpo
-    sft = Path(cfg.run_dir).resolve() / "sft"
     if s.init == "sft":
-        model, upstream = str(sft / common.STAGE_MODEL_DIR), [sft]
+        model, upstream = str(Path(cfg.run_dir).resolve() / "sft" / STAGE_MODEL_DIR), ("sft",)
     else:
-        model, upstream = common.resolve_base(cfg.train.model), []
-    plan = common.plan_stage(cfg, "dpo", s, model=model, head=common.CAUSAL, upstream=upstream)
-    return common.run_stage(cfg, *plan, build_trainer=build_trainer, force=force)
+        model, upstream = resolve_base(cfg.train.model), ()
+    return train_stage(cfg, "dpo", s, model=model, head=CAUSAL, build_trainer=build_trainer,
+                       upstream=upstream, force=force)
 
 
-def build_trainer(job: common.StageJob):
+def build_trainer(job: StageJob):
     """In each Ray Train worker: TRL's DPOTrainer with a LoRA config (reference = adapter off)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     s = job.settings
-    tokenizer = common.load_tokenizer(job.model)
-    rows = common.pair_rows(job.data_dir, common.uses_chat(tokenizer))
-    for r in rows:
-        del r["prompt_id"]
-    args = DPOConfig(**common.training_args(job), max_length=s.max_length, beta=s.beta)
+    tokenizer = load_tokenizer(job.model)
+    rows = pair_rows(job.data_dir, uses_chat(tokenizer))
+    args = DPOConfig(**training_args(job), max_length=s.max_length, beta=s.beta)
     return DPOTrainer(
-        model=common.load_model(job.model, common.CAUSAL),
+        model=load_model(job.model, CAUSAL),
         ref_model=None,
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
-        peft_config=common.lora_config(s.lora, common.CAUSAL),
+        peft_config=lora_config(s.lora, CAUSAL),
     )

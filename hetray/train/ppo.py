@@ -18,7 +18,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hetray.train import common
+from transformers import TrainerCallback
+
+from hetray.models import CAUSAL, SEQ_CLS, load_model, load_tokenizer
+from hetray.pairs import prompt_rows, uses_chat
+from hetray.train.driver import STAGE_MODEL_DIR, StageJob, train_stage
+from hetray.train.worker import lora_config, short_prompts, training_args
 
 VALUE_FILE = "value_model.safetensors"
 
@@ -26,27 +31,27 @@ VALUE_FILE = "value_model.safetensors"
 def run_ppo(cfg, force: bool = False) -> dict:
     """Train (or skip, when up to date) the PPO policy. Returns its manifest."""
     run_dir = Path(cfg.run_dir).resolve()
-    sft, reward = run_dir / "sft", run_dir / "reward"
-    plan = common.plan_stage(
-        cfg, "ppo", cfg.train.ppo, model=str(sft / common.STAGE_MODEL_DIR), head=common.CAUSAL,
-        upstream=[sft, reward], extra={"reward_model": str(reward / common.STAGE_MODEL_DIR)},
+    return train_stage(
+        cfg, "ppo", cfg.train.ppo, model=str(run_dir / "sft" / STAGE_MODEL_DIR), head=CAUSAL,
+        build_trainer=build_trainer, upstream=("sft", "reward"),
+        extra={"reward_model": str(run_dir / "reward" / STAGE_MODEL_DIR)},
+        train=train, save=save_policy, force=force,
     )
-    return common.run_stage(cfg, *plan, build_trainer=build_trainer, train=train, save=save_policy, force=force)
 
 
-def build_trainer(job: common.StageJob):
+def build_trainer(job: StageJob):
     """In each Ray Train worker: TRL's PPOTrainer with policy, reference (adapter off), reward, value."""
     import torch.distributed as dist
     from datasets import Dataset
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     s = job.settings
-    tokenizer = common.load_tokenizer(job.model)
+    tokenizer = load_tokenizer(job.model)
     tokenizer.padding_side = "left"  # prompts are left-padded so generation continues them
-    rows = common.short_prompts(common.prompt_rows(job.data_dir, common.uses_chat(tokenizer)), tokenizer, s.max_length)
+    rows = short_prompts(prompt_rows(job.data_dir, uses_chat(tokenizer)), tokenizer, s.max_length)
     world = dist.get_world_size() if dist.is_initialized() else 1
     args = PPOConfig(
-        **common.training_args(job),
+        **training_args(job),
         total_episodes=s.max_steps * s.per_device_batch_size * s.gradient_accumulation_steps * world,
         response_length=s.max_new_tokens,
         stop_token="eos",
@@ -56,23 +61,23 @@ def build_trainer(job: common.StageJob):
         temperature=s.temperature,
         num_sample_generations=0,
     )
-    policy = common.load_model(job.model, common.CAUSAL)
+    policy = load_model(job.model, CAUSAL)
     policy.generation_config.min_new_tokens = s.min_new_tokens  # merged into PPO's generation config
     trainer = PPOTrainer(
         args=args,
         processing_class=tokenizer,
         model=policy,
         ref_model=None,
-        reward_model=common.load_model(job.extra["reward_model"], common.SEQ_CLS),
-        value_model=common.load_model(job.extra["reward_model"], common.SEQ_CLS),
+        reward_model=load_model(job.extra["reward_model"], SEQ_CLS),
+        value_model=load_model(job.extra["reward_model"], SEQ_CLS),
         train_dataset=Dataset.from_list([_tokenize(r["prompt"], tokenizer) for r in rows]),
-        peft_config=common.lora_config(s.lora, common.CAUSAL),
+        peft_config=lora_config(s.lora, CAUSAL),
     )
     _expose_parts(trainer)
     # PPOTrainer skips Trainer.__init__, and transformers 5 reads this in save_model on
     # every rank but the main one.
     trainer.is_distributed_loading_by_transformers = False
-    trainer.add_callback(_SaveValueModel())
+    trainer.add_callback(SaveValueModel())
     return trainer
 
 
@@ -128,39 +133,30 @@ def train(trainer, checkpoint_dir: str | None) -> None:
     trainer.lr_scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
     total = trainer.args.num_total_batches
     trainer.args.num_total_batches = max(0, total - done)  # the loop runs only the rest
-    trainer.add_callback(_Resume(done, total, state.get("log_history", [])))
+    trainer.add_callback(Resume(done, total, state.get("log_history", [])))
     trainer.train()
 
 
-class _SaveValueModel:
+class SaveValueModel(TrainerCallback):
     """PPO checkpoints hold only the policy's adapter; add the value model, for resuming."""
 
-    def __new__(cls):
-        from transformers import TrainerCallback
+    def on_save(self, args, state, control, model=None, **kwargs):
+        from safetensors.torch import save_file
 
-        class SaveValueModel(TrainerCallback):
-            def on_save(self, args, state, control, model=None, **kwargs):
-                from safetensors.torch import save_file
-
-                if state.is_world_process_zero:
-                    value = model.value_model  # the callback gets the unwrapped PolicyAndValueWrapper
-                    folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                    save_file({k: v.contiguous() for k, v in value.state_dict().items()}, folder / VALUE_FILE)
-
-        return SaveValueModel()
+        if state.is_world_process_zero:
+            value = model.value_model  # the callback gets the unwrapped PolicyAndValueWrapper
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            save_file({k: v.contiguous() for k, v in value.state_dict().items()}, folder / VALUE_FILE)
 
 
-class _Resume:
+class Resume(TrainerCallback):
     """PPO's train() starts its state at step 0; this puts it back where the checkpoint was,
     so logs, checkpoints and reports go on counting from there."""
 
-    def __new__(cls, step: int, max_steps: int, history: list):
-        from transformers import TrainerCallback
+    def __init__(self, step: int, max_steps: int, history: list):
+        self.step, self.max_steps, self.history = step, max_steps, history
 
-        class Resume(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kwargs):
-                state.global_step, state.max_steps = step, max_steps
-                state.episode = step * args.batch_size
-                state.log_history = list(history)
-
-        return Resume()
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.global_step, state.max_steps = self.step, self.max_steps
+        state.episode = self.step * args.batch_size
+        state.log_history = list(self.history)

@@ -12,58 +12,49 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hetray.train import common
+from hetray.models import SEQ_CLS, load_model, load_tokenizer
+from hetray.pairs import split_pairs, uses_chat
+from hetray.train.driver import STAGE_MODEL_DIR, StageJob, resolve_base, train_stage
+from hetray.train.worker import lora_config, training_args
 
 
 def run_reward(cfg, force: bool = False) -> dict:
     """Train (or skip, when up to date) the reward model. Returns its manifest."""
     s = cfg.train.reward
-    sft = Path(cfg.run_dir).resolve() / "sft"
     if s.init == "sft":
-        model, upstream = str(sft / common.STAGE_MODEL_DIR), [sft]
+        model, upstream = str(Path(cfg.run_dir).resolve() / "sft" / STAGE_MODEL_DIR), ("sft",)
     else:
-        model, upstream = common.resolve_base(cfg.train.model), []
-    plan = common.plan_stage(cfg, "reward", s, model=model, head=common.SEQ_CLS, upstream=upstream)
-    return common.run_stage(cfg, *plan, build_trainer=build_trainer, finish=evaluate, force=force)
+        model, upstream = resolve_base(cfg.train.model), ()
+    return train_stage(cfg, "reward", s, model=model, head=SEQ_CLS, build_trainer=build_trainer,
+                       upstream=upstream, finish=evaluate, force=force)
 
 
-def split_pairs(job: common.StageJob) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) pair rows, split by a seeded hash of the prompt: every pair of a
-    held-out prompt is held out, so the accuracy is measured on prompts never trained on."""
-    tokenizer = common.load_tokenizer(job.model)
-    rows = common.pair_rows(job.data_dir, common.uses_chat(tokenizer))
-    fraction = job.settings.eval_fraction
-    held = [common.held_out(r.pop("prompt_id"), fraction, job.seed) for r in rows]
-    train = [r for r, h in zip(rows, held) if not h]
-    test = [r for r, h in zip(rows, held) if h]
-    if not train:
-        raise ValueError(f"train.reward.eval_fraction={fraction} leaves no pairs to train on")
-    return train, test
-
-
-def build_trainer(job: common.StageJob):
+def build_trainer(job: StageJob):
     """In each Ray Train worker: TRL's RewardTrainer with a LoRA config (score head trained too)."""
     from datasets import Dataset
     from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
 
     s = job.settings
-    train, test = split_pairs(job)
+    tokenizer = load_tokenizer(job.model)
+    train, test = split_pairs(job.data_dir, s.eval_fraction, job.seed, uses_chat(tokenizer))
+    if not train:
+        raise ValueError(f"train.reward.eval_fraction={s.eval_fraction} leaves no pairs to train on")
     set_seed(job.seed)  # the fresh score head is random
     eval_batch = max(1, -(-len(test) // _world_size()))  # one eval batch per worker
-    args = RewardConfig(**{**common.training_args(job), "per_device_eval_batch_size": eval_batch},
+    args = RewardConfig(**{**training_args(job), "per_device_eval_batch_size": eval_batch},
                         max_length=s.max_length)
     return RewardTrainer(
-        model=common.load_model(job.model, common.SEQ_CLS),
+        model=load_model(job.model, SEQ_CLS),
         args=args,
         train_dataset=Dataset.from_list(train),
         eval_dataset=Dataset.from_list(test) if test else None,
-        processing_class=common.load_tokenizer(job.model),
-        peft_config=common.lora_config(s.lora, common.SEQ_CLS),
+        processing_class=tokenizer,
+        peft_config=lora_config(s.lora, SEQ_CLS),
     )
 
 
-def evaluate(trainer, job: common.StageJob) -> dict:
+def evaluate(trainer, job: StageJob) -> dict:
     """Pairwise accuracy on the held-out pairs (every rank takes part)."""
     if trainer.eval_dataset is None:
         return {}

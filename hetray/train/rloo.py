@@ -12,30 +12,32 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hetray.train import common
+from hetray.models import CAUSAL, load_model, load_tokenizer
+from hetray.pairs import prompt_rows, uses_chat
+from hetray.train.driver import STAGE_MODEL_DIR, StageJob, train_stage
+from hetray.train.worker import lora_config, short_prompts, training_args
 
 
 def run_rloo(cfg, force: bool = False) -> dict:
     """Train (or skip, when up to date) the RLOO policy. Returns its manifest."""
     run_dir = Path(cfg.run_dir).resolve()
-    sft, reward = run_dir / "sft", run_dir / "reward"
-    plan = common.plan_stage(
-        cfg, "rloo", cfg.train.rloo, model=str(sft / common.STAGE_MODEL_DIR), head=common.CAUSAL,
-        upstream=[sft, reward], extra={"reward_model": str(reward / common.STAGE_MODEL_DIR)},
+    return train_stage(
+        cfg, "rloo", cfg.train.rloo, model=str(run_dir / "sft" / STAGE_MODEL_DIR), head=CAUSAL,
+        build_trainer=build_trainer, upstream=("sft", "reward"),
+        extra={"reward_model": str(run_dir / "reward" / STAGE_MODEL_DIR)}, force=force,
     )
-    return common.run_stage(cfg, *plan, build_trainer=build_trainer, force=force)
 
 
-def build_trainer(job: common.StageJob):
+def build_trainer(job: StageJob):
     """In each Ray Train worker: TRL's RLOOTrainer, the reward model given by its path."""
     from datasets import Dataset
     from trl import RLOOConfig, RLOOTrainer
 
     s = job.settings
-    tokenizer = common.load_tokenizer(job.model)
-    rows = common.short_prompts(common.prompt_rows(job.data_dir, common.uses_chat(tokenizer)), tokenizer, s.max_length)
+    tokenizer = load_tokenizer(job.model)
+    rows = short_prompts(prompt_rows(job.data_dir, uses_chat(tokenizer)), tokenizer, s.max_length)
     args = RLOOConfig(
-        **common.training_args(job),
+        **training_args(job),
         num_generations=s.num_generations,
         max_completion_length=s.max_new_tokens,
         generation_kwargs={"min_new_tokens": s.min_new_tokens},
@@ -43,10 +45,10 @@ def build_trainer(job: common.StageJob):
         beta=s.beta,
     )
     return RLOOTrainer(
-        model=common.load_model(job.model, common.CAUSAL),
+        model=load_model(job.model, CAUSAL),
         reward_funcs=job.extra["reward_model"],
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
-        peft_config=common.lora_config(s.lora, common.CAUSAL),
+        peft_config=lora_config(s.lora, CAUSAL),
     )

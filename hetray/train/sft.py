@@ -11,40 +11,48 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hetray.unify.summary import parquet_files
-from hetray.train import common
+from hetray.models import CAUSAL, load_model, load_tokenizer
+from hetray.pairs import sft_rows, uses_chat
+from hetray.schema import parquet_files
+from hetray.stage import Stage
+from hetray.train.driver import StageJob, resolve_base, train_stage, training_stage
+from hetray.train.worker import lora_config, training_args
 
 
 def run_sft(cfg, force: bool = False) -> dict:
     """Train (or skip, when up to date) the SFT stage. Returns its manifest."""
-    return common.run_stage(cfg, *plan(cfg), build_trainer=build_trainer, force=force)
-
-
-def plan(cfg) -> tuple:
-    """(job, key, config, inputs): what run_sft would run, and the key it is skipped by."""
-    s = cfg.train.sft
-    sft_only = Path(cfg.run_dir).resolve() / "sft_only"
-    use_sft_only = s.include_sft_only and bool(parquet_files(sft_only))
-    return common.plan_stage(
-        cfg, "sft", s, model=common.resolve_base(cfg.train.model), head=common.CAUSAL,
-        extra={"sft_only": str(sft_only) if use_sft_only else None},
-        extra_inputs=[sft_only] if use_sft_only else [],
+    sft_only = _sft_only(cfg)
+    return train_stage(
+        cfg, "sft", cfg.train.sft, model=resolve_base(cfg.train.model), head=CAUSAL, build_trainer=build_trainer,
+        extra={"sft_only": str((Path(cfg.run_dir) / "sft_only").resolve()) if sft_only else None},
+        extra_inputs=sft_only, force=force,
     )
 
 
-def build_trainer(job: common.StageJob):
+def sft_stage(cfg) -> Stage:
+    """The SFT stage as the runner sees it (its key), without training."""
+    return training_stage(cfg, "sft", cfg.train.sft, extra_inputs=_sft_only(cfg))
+
+
+def _sft_only(cfg) -> tuple[str, ...]:
+    """("sft_only",) when the prompts with a single reference answer are trained on too."""
+    use = cfg.train.sft.include_sft_only and bool(parquet_files(Path(cfg.run_dir) / "sft_only"))
+    return ("sft_only",) if use else ()
+
+
+def build_trainer(job: StageJob):
     """In each Ray Train worker: the TRL SFTTrainer with a LoRA config."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     s = job.settings
-    tokenizer = common.load_tokenizer(job.model)
-    rows = common.sft_rows(job.data_dir, job.extra["sft_only"], common.uses_chat(tokenizer, s.chat_template))
-    args = SFTConfig(**common.training_args(job), max_length=s.max_length, completion_only_loss=True)
+    tokenizer = load_tokenizer(job.model)
+    rows = sft_rows(job.data_dir, job.extra["sft_only"], uses_chat(tokenizer, s.chat_template))
+    args = SFTConfig(**training_args(job), max_length=s.max_length, completion_only_loss=True)
     return SFTTrainer(
-        model=common.load_model(job.model, common.CAUSAL),
+        model=load_model(job.model, CAUSAL),
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
-        peft_config=common.lora_config(s.lora, common.CAUSAL),
+        peft_config=lora_config(s.lora, CAUSAL),
     )

@@ -13,17 +13,16 @@ messages, WinoBias pro/anti files); it is Ray's external shuffle, so replies of 
 sit in different files and memory stays bounded. The writer splits each block by kind into the
 three folders and returns counts, so accounting costs no second pass.
 
-Outputs are written into a temporary folder and moved into place only when the whole stage has
-succeeded: a failed run never leaves half an output behind, nor destroys the previous one.
+The stage runner (``hetray.stage``) skips the stage when its key is unchanged and commits the
+three folders together: a failed or killed run never leaves half an output behind, nor
+destroys the previous one.
 """
 
 from __future__ import annotations
 
-import pickle
 import logging
 import os
-import shutil
-import time
+import pickle
 import uuid
 import zlib
 from collections import defaultdict
@@ -33,8 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data.datasource import Datasink
 
-from hetray import stage as mf
 from hetray.config import JobConfig
+from hetray.models import resolve_sample
 from hetray.schema import (
     FLOW_SCHEMA,
     ITEM,
@@ -48,12 +47,12 @@ from hetray.schema import (
     split_output,
 )
 from hetray.unify.sources import adapter_for
+from hetray.stage import Stage, require_ray, run_stage
 from hetray.unify.sources.readers import InputError, expand_paths, make_datasource, peek_record
 
 log = logging.getLogger(__name__)
 
 OUTPUTS = {"preferences": PREFERENCE_SCHEMA, "sft_only": SFT_SCHEMA, "rejects": REJECT_SCHEMA}
-SAMPLES = Path(__file__).parent / "samples"
 
 
 # ---------------------------------------------------------------------------- pure batch logic
@@ -180,8 +179,7 @@ def _merge(into: dict, part: dict) -> None:
 def resolve_files(path: str | list[str]) -> list[str]:
     """Local files of a source path; ``sample:NAME`` points into the bundled samples."""
     paths = [path] if isinstance(path, str) else list(path)
-    local = [str(SAMPLES / p[len("sample:"):]) if p.startswith("sample:") else p for p in paths]
-    return expand_paths(local)
+    return expand_paths([resolve_sample(p) for p in paths])
 
 
 def _hub_error(name: str, split: str, cause: Exception) -> InputError:
@@ -322,44 +320,25 @@ def build_dataset(planned: list, batch_size: int, partitions: int | None = None)
 
 def run_convert(cfg: JobConfig, force: bool = False) -> dict:
     """Convert every source of ``cfg`` into ``cfg.run_dir``. Returns the manifest."""
-    from hetray.orchestrate.ray_init import init_ray
-
-    started = time.time()
-    run_dir = Path(cfg.run_dir)
     planned = [plan_source(s) for s in cfg.convert.sources]  # every check before any work
-    inputs = [{"source": s.name, "files": mf.fingerprint_files(files)} for _, files, s in planned]
-    config = {"seed": cfg.seed, "convert": cfg.convert.model_dump(mode="json")}
-    key = mf.stage_key("convert", config, inputs)
-    out_dir = run_dir / "preferences"
-    if not force and mf.is_up_to_date(out_dir, key) and all((run_dir / d).is_dir() for d in OUTPUTS):
-        log.info("convert: %s is up to date (key %s), skipping", out_dir, key)
-        return mf.read_manifest(out_dir)
+    stage = Stage(
+        "convert", cfg.run_dir, outputs=tuple(OUTPUTS),
+        config={"seed": cfg.seed, "convert": cfg.convert.model_dump(mode="json")},
+        inputs=[f for _, files, s in planned for f in (files or [s.path if isinstance(s.path, str) else s.path[0]])],
+    )
 
-    init_ray(cfg.ray)
-    tmp = run_dir / f".convert-tmp-{uuid.uuid4().hex[:8]}"
-    for folder in OUTPUTS:
-        (tmp / folder).mkdir(parents=True)
-    try:
+    def work(tmp: Path) -> dict:
+        require_ray("convert")
         ds = build_dataset(planned, cfg.convert.batch_size, cfg.convert.shuffle_partitions)
         if cfg.convert.num_output_files:
             ds = ds.repartition(cfg.convert.num_output_files)
-        sink = SplitParquetSink(str(tmp.resolve()))
+        sink = SplitParquetSink(str(tmp))
         ds.write_datasink(sink)
         for folder, schema in OUTPUTS.items():  # readers always find a schema, even for 0 rows
             if not any((tmp / folder).glob("*.parquet")):
                 pq.write_table(schema.empty_table(), tmp / folder / "part-empty.parquet")
         counts = {s.name: sink.counts.get(s.name, _empty_counts()) for _, _, s in planned}
-        manifest = mf.new_manifest("convert", key, config, inputs, started)
-        manifest["counts"] = counts
-        manifest["totals"] = {
-            k: sum(c[k] for c in counts.values()) for k in ("pairs", "sft", "used", "rejected")
-        }
-        mf.write_manifest(tmp / "preferences", manifest)
-        for folder in OUTPUTS:  # commit: move the new outputs into place
-            final = run_dir / folder
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp / folder, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return manifest
+        totals = {k: sum(c[k] for c in counts.values()) for k in ("pairs", "sft", "used", "rejected")}
+        return {"counts": counts, "totals": totals}
+
+    return run_stage(stage, work, force=force)

@@ -6,21 +6,14 @@ or ``rejects/`` folder, or a single Parquet file. Reads only the columns it need
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
 
+from hetray.schema import parquet_files
 from hetray.stage import read_manifest
-
-
-def parquet_files(path: str | Path) -> list[str]:
-    path = Path(path)
-    if path.is_file():
-        return [str(path)]
-    return sorted(str(p) for p in path.rglob("*.parquet"))
 
 
 def _scan(path, columns):
@@ -155,7 +148,3 @@ def inspect(path) -> str:
     counts = count_by(path, ["source"]) if "source" in names else {}
     body = "\n".join(f"  [{s}] rows {n}" for (s,), n in sorted(counts.items()))
     return f"{head}\ncolumns: {', '.join(names)}\n{body}"
-
-
-def to_json(summary: dict) -> str:
-    return json.dumps(summary, indent=2)

@@ -8,12 +8,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hetray.config import EmbedConfig, JobConfig
-from hetray.selection.embed import add_prompt_id, embed_key, plan_calls, run_embed, to_embedding_table
+from hetray.config import JobConfig
+from hetray.selection.config import EmbedConfig
+from hetray.selection.embed import add_prompt_id, embed_stage, plan_calls, run_embed, to_embedding_table
 from hetray.models import load_embedder, resolve_embedder
 from hetray.schema import PREFERENCE_SCHEMA, embedding_schema, pair, prompt_id
-from hetray.unify.sources.readers import InputError
-from hetray.unify.summary import parquet_files
+from hetray.schema import parquet_files
 
 PROMPTS = [
     "Who does 'she' refer to in: The nurse helped the doctor because she was kind?",
@@ -79,12 +79,12 @@ def test_plan_calls_gives_every_actor_work_in_wide_calls():
 def test_key_changes_with_model_and_prompts_only(tmp_path):
     run = tmp_path / "run"
     write_preferences(run, PROMPTS)
-    key = embed_key(job(run))[0]
-    assert embed_key(job(run))[0] == key
-    assert embed_key(job(run, model="/some/other/model"))[0] != key
-    assert embed_key(job(run, batch_size=3, num_actors=2))[0] == key  # resources: same vectors
+    key = embed_stage(job(run)).key()
+    assert embed_stage(job(run)).key() == key
+    assert embed_stage(job(run, model="/some/other/model")).key() != key
+    assert embed_stage(job(run, batch_size=3, num_actors=2)).key() == key  # resources: same vectors
     write_preferences(run, PROMPTS + ["One more prompt."])
-    assert embed_key(job(run))[0] != key
+    assert embed_stage(job(run)).key() != key
 
 
 def test_embed_distinct_prompts_reuse_and_reruns(tmp_path, ray_local):
@@ -127,18 +127,18 @@ def test_embed_distinct_prompts_reuse_and_reruns(tmp_path, ray_local):
 
 
 def test_missing_preferences_says_run_convert(tmp_path):
-    with pytest.raises(InputError, match="run `hetray convert` first"):
+    with pytest.raises(FileNotFoundError, match="run `hetray convert` first"):
         run_embed(job(tmp_path / "run"))
 
 
 def test_empty_preferences_say_no_prompts(tmp_path):
     write_preferences(tmp_path / "run", [])
-    with pytest.raises(InputError, match="no prompts to embed"):
+    with pytest.raises(ValueError, match="no prompts to embed"):
         run_embed(job(tmp_path / "run"))
     assert not (tmp_path / "run" / "embeddings").exists()
 
 
 def test_actors_that_take_every_cpu_are_refused(tmp_path, ray_local):
     write_preferences(tmp_path / "run", PROMPTS)
-    with pytest.raises(InputError, match="lower embed.num_actors"):  # else read tasks never run
+    with pytest.raises(ValueError, match="lower embed.num_actors"):  # else read tasks never run
         run_embed(job(tmp_path / "run", num_actors=2))

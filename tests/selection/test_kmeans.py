@@ -21,7 +21,6 @@ from hetray.selection.clustering import run_cluster
 from hetray.config import JobConfig
 from hetray.selection.kmeans import assign, fit_kmeans, kmeans_inertia, lloyd_batch, sample_batch
 from hetray.schema import ASSIGNMENT_SCHEMA, embedding_schema, prompt_id
-from hetray.unify.sources.readers import InputError
 
 
 def blobs(n=3000, d=32, centers=10, std=4.0, seed=0) -> np.ndarray:
@@ -165,7 +164,7 @@ def cluster_job(tmp_path, **cluster) -> JobConfig:
 
 @pytest.mark.slow
 def test_run_cluster_writes_outputs_and_skips_rerun(tmp_path, ray_local, monkeypatch):
-    with pytest.raises(InputError, match="hetray embed"):
+    with pytest.raises(FileNotFoundError, match="hetray embed"):
         run_cluster(cluster_job(tmp_path))
     x = blobs(n=1000, d=24, centers=4, std=2.0)
     write_embeddings(tmp_path, x)

@@ -10,7 +10,7 @@ from hetray.config import ConfigError, JobConfig, load_config
 from hetray.unify.convert import run_convert
 from hetray.schema import PREFERENCE_SCHEMA
 from hetray.selection.select import run_select
-from hetray.unify.summary import parquet_files
+from hetray.schema import parquet_files
 
 from conftest import FIXTURES
 

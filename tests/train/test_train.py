@@ -24,14 +24,15 @@ import torch
 
 from hetray.config import JobConfig
 from hetray.models import ModelNotFoundError, resolve_llm
+from hetray.models import load_tokenizer
+from hetray.pairs import held_out
 from hetray.schema import PREFERENCE_SCHEMA, SFT_SCHEMA, make_id
-from hetray.train import common, sft
-from hetray.train.common import TrainSetupError
+from hetray.train.driver import TrainSetupError
 from hetray.train.dpo import run_dpo
 from hetray.train.ppo import run_ppo
 from hetray.train.reward import run_reward
 from hetray.train.rloo import run_rloo
-from hetray.train.sft import run_sft
+from hetray.train.sft import run_sft, sft_stage
 
 from conftest import ROOT
 
@@ -166,7 +167,7 @@ def test_reward_model_learns_easy_preferences(chain, reward_done):
     losses = [h["loss"] for h in history(out) if "loss" in h]
     assert losses[-1] < losses[0] / 2
     # the merged classifier (LoRA and score head folded in) scores a new pair the right way
-    tokenizer = common.load_tokenizer(str(out / "merged"))
+    tokenizer = load_tokenizer(str(out / "merged"))
     model = AutoModelForSequenceClassification.from_pretrained(out / "merged")
 
     def score(answer: str) -> float:
@@ -291,10 +292,10 @@ def test_rerun_skips_and_changed_config_reruns_with_zero2_on_cpu(tiny_cfg, kille
     assert (out / "merged" / "model.safetensors").is_file()
 
     # a changed input re-runs it too: the key covers the pairs' fingerprint
-    assert sft.plan(zero2)[1] == m["key"]
+    assert sft_stage(zero2).key() == m["key"]
     prefs = Path(tiny_cfg.run_dir) / "preferences" / "part-00000.parquet"
     pq.write_table(pa.Table.from_pylist(easy_pairs(seed=1), schema=PREFERENCE_SCHEMA), prefs)
-    assert sft.plan(zero2)[1] != m["key"]
+    assert sft_stage(zero2).key() != m["key"]
 
 
 # ---------------------------------------------------------------------------- bad settings
@@ -343,10 +344,10 @@ def test_paper_hyperparameters_are_the_defaults():
 
 def test_held_out_split_is_deterministic_and_near_the_fraction():
     ids = [make_id("p", str(i)) for i in range(2000)]
-    held = [common.held_out(i, 0.2, seed=0) for i in ids]
-    assert held == [common.held_out(i, 0.2, seed=0) for i in ids]
+    held = [held_out(i, 0.2, seed=0) for i in ids]
+    assert held == [held_out(i, 0.2, seed=0) for i in ids]
     assert 0.17 < sum(held) / len(held) < 0.23
-    assert held != [common.held_out(i, 0.2, seed=1) for i in ids]
+    assert held != [held_out(i, 0.2, seed=1) for i in ids]
 
 
 def test_cli_train_parses():

@@ -12,7 +12,7 @@ from hetray.unify.convert import run_convert
 from hetray.unify.sources import winogrande
 from hetray.unify.sources.base import account, convert_rows
 from hetray.unify.sources.readers import InputError, iter_records
-from hetray.unify.summary import parquet_files
+from hetray.schema import parquet_files
 
 from conftest import FIXTURES
 
@@ -49,7 +49,8 @@ def test_convert_matches_reference_and_accounts_every_record(tmp_path, ray_local
     assert c["pairs"] == len(prefs) == 4
     assert c["reasons"] == account(ref)["reasons"]
     stored = json.loads((run / "preferences" / "manifest.json").read_text())
-    assert stored["inputs"][0]["files"][0]["path"] == os.path.abspath(WG)
+    assert stored["inputs"][0]["file"] == os.path.basename(WG)  # outside the run dir: its name, not its path
+    assert stored["inputs"][0]["size"] == os.path.getsize(WG) and len(stored["inputs"][0]["hash"]) == 32
     assert stored["config"]["convert"]["sources"][0]["format"] == "winogrande"
     assert (run / "sft_only").is_dir() and read(run / "sft_only").num_rows == 0
 

@@ -9,7 +9,7 @@ from hetray.unify.convert import resolve_files, run_convert
 from hetray.unify.sources import ADAPTERS
 from hetray.unify.sources.base import account, convert_rows
 from hetray.unify.sources.readers import iter_records
-from hetray.unify.summary import parquet_files
+from hetray.schema import parquet_files
 
 from conftest import FIXTURES
 

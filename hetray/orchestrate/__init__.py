@@ -1,0 +1,1 @@
+"""The conductor: the only place (with ``hetray/cli.py``) that starts Ray and sequences stages."""
