@@ -131,6 +131,7 @@ def bench_encode(prompts: list[str], batch_size: int, device: str) -> dict:
 
 def bench_hetray(run_dir: Path, batch_size: int, actors: int, cpus: float, gpus) -> dict:
     from hetray.config import JobConfig
+    from hetray.orchestrate.ray_init import init_ray
     from hetray.selection.embed import run_embed
 
     cfg = JobConfig.model_validate({
@@ -139,6 +140,7 @@ def bench_hetray(run_dir: Path, batch_size: int, actors: int, cpus: float, gpus)
         "embed": {"batch_size": batch_size, "num_actors": actors, "num_cpus_per_actor": cpus,
                   "num_gpus_per_actor": gpus},
     })
+    init_ray(cfg.ray)
     with TreeCPU() as cpu:
         t0 = time.perf_counter()
         m = run_embed(cfg, force=True)

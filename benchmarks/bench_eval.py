@@ -6,9 +6,10 @@
 Data: the real WinoBias dev files in ../shared/data/winobias (type 1 and type 2, pro and anti:
 four files, 396 pairs per type). Model: the bundled SmolLM2-135M-Instruct, fp32 on CPU.
 
-* ``batched``: ``evaluate_winobias`` (hetray.eval.scoring.Scorer: length-sorted, left-padded
-  batches of ``--batch-size`` prompts, one forward pass per batch for all log-probs and the
-  next-token distribution, batched greedy generation that stops once every answer is complete).
+* ``batched``: the WinoBias suite's own steps (``SUITES["winobias"]``: load, then score with
+  hetray.eval.scoring.Scorer: length-sorted, left-padded batches of ``--batch-size`` prompts, one
+  forward pass per batch for all log-probs and the next-token distribution, batched greedy
+  generation that stops once every answer is complete).
 * ``naive``: plain transformers, one prompt at a time: a forward pass over ``prompt + cluster``
   (full logits, log-softmax), then ``model.generate`` of ``max_new_tokens`` for the same prompt;
   the same tokenisation rule and answer reading, written out again here. It runs on the first
@@ -105,13 +106,16 @@ def main() -> None:
     import torch
 
     from hetray.eval import winobias
-    from hetray.eval.config import WinoBiasSettings
+    from hetray.eval.config import EvalConfig
     from hetray.eval.scoring import Scorer
+    from hetray.eval.suites import SUITES
 
     load_before = round(os.getloadavg()[0], 2)
     scorer, load_s, _ = timed(lambda: Scorer.load(
         "smollm2-135m-instruct", batch_size=args.batch_size, device="cpu", threads=args.threads))
-    settings = WinoBiasSettings(path=args.data, splits=["dev"], types=[1, 2], limit=args.limit)
+    cfg = EvalConfig(winobias={"path": args.data, "splits": ["dev"], "types": [1, 2], "limit": args.limit},
+                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    settings, suite = cfg.winobias, SUITES["winobias"]
 
     # the naive subset first: the first --naive-limit pairs of each type, batched then naive
     sub_settings = settings.model_copy(update={"limit": args.naive_limit})
@@ -124,7 +128,8 @@ def main() -> None:
     assert agreement["max_abs_diff"] <= TOLERANCE, agreement
     assert agreement["answers_differ"] == 0, agreement
 
-    full, f_wall, f_cpu = timed(lambda: winobias.evaluate_winobias(scorer, settings, args.max_new_tokens))
+    records, f_wall, f_cpu = timed(lambda: suite.score(scorer, suite.load(cfg, None), cfg))
+    full = {"overall": suite.aggregate(records), "by_group": suite.by_group(records)}
     n_full = full["overall"]["pairs"]
     runs = {
         "naive_subset": {"pairs": len(sub_pairs), "wall_s": n_wall, "cpu_s": n_cpu},

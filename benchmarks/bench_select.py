@@ -93,11 +93,14 @@ select: {{fraction: 0.4}}
 SELECT = textwrap.dedent(
     """
     import sys
-    import hetray.selection.embed
-    hetray.selection.embed.run_embed = lambda cfg, force=False: None  # vectors are synthetic
     from hetray.config import load_config
+    from hetray.orchestrate.ray_init import init_ray
+    from hetray.selection.clustering import run_cluster
     from hetray.selection.select import run_select
-    m = run_select(load_config(sys.argv[1]), force=True)
+    cfg = load_config(sys.argv[1])
+    init_ray(cfg.ray)
+    run_cluster(cfg)  # over the synthetic vectors
+    m = run_select(cfg, force=True)
     print("SELECTED", m["pairs_selected"], "OF", m["pairs_in"])
     """
 )

@@ -89,25 +89,30 @@ def in_process(run_dir: Path, model: str, steps: int) -> dict:
     """The stage's own SFTTrainer, built and trained here with one torch thread."""
     import torch
 
-    from hetray.train import common
+    from hetray.models import CAUSAL
+    from hetray.train.driver import StageJob, resolve_base
     from hetray.train.sft import build_trainer
 
     torch.set_num_threads(1)
     cfg = job_config(run_dir, model, steps, 1)
     started = time.perf_counter()
-    job = common.StageJob(stage="sft", settings=cfg.train.sft, model=common.resolve_base(model), head=common.CAUSAL,
-                          data_dir=str(run_dir / "preferences"), work_dir=str(run_dir / ".baseline"), seed=cfg.seed,
-                          use_gpu=False, deepspeed=None, extra={"sft_only": None})
+    job = StageJob(stage="sft", settings=cfg.train.sft, model=resolve_base(model), head=CAUSAL,
+                   data_dir=str(run_dir / "preferences"), work_dir=str(run_dir / ".baseline"),
+                   out_dir=str(run_dir / ".baseline" / "out"), seed=cfg.seed, use_gpu=False, deepspeed=None,
+                   extra={"sft_only": None})
     trainer = build_trainer(job)
     trainer.train()
     return throughput(trainer.state.log_history, time.perf_counter() - started)
 
 
 def on_ray(run_dir: Path, model: str, steps: int, workers: int) -> dict:
+    from hetray.orchestrate.ray_init import init_ray
     from hetray.train.sft import run_sft
 
+    cfg = job_config(run_dir, model, steps, workers)
+    init_ray(cfg.ray)
     started = time.perf_counter()
-    run_sft(job_config(run_dir, model, steps, workers), force=True)
+    run_sft(cfg, force=True)
     history = json.loads((run_dir / "sft" / "metrics.json").read_text())["history"]
     return throughput(history, time.perf_counter() - started)
 

@@ -78,10 +78,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 def _convert(cfg, force: bool) -> None:
     from hetray.unify.convert import run_convert
-    from hetray.unify.summary import format_run_summary, summarize_run
+    from hetray.unify.summary import format_convert_summary, summarize_run
 
     run_convert(cfg, force=force)
-    print(format_run_summary(summarize_run(cfg.run_dir)))
+    print(format_convert_summary(summarize_run(cfg.run_dir)))
 
 
 def _stage(name: str, cfg, force: bool) -> None:
@@ -128,11 +128,11 @@ def _eval(args) -> None:
 
 def _run(args) -> None:
     from hetray.orchestrate.pipeline import run_pipeline
-    from hetray.orchestrate.run_report import format_summary
+    from hetray.orchestrate.run_report import format_run_report
 
     cfg = load_config(args.config, args.overrides)
     summary = run_pipeline(cfg, args.force)
-    print("\n" + format_summary(summary))
+    print("\n" + format_run_report(summary))
     report = Path(cfg.run_dir) / "report.md"
     print(f"\nreport: {summary['eval_report'] or (report if report.exists() else cfg.run_dir)}")
 

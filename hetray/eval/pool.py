@@ -11,6 +11,9 @@ from __future__ import annotations
 import random
 
 from hetray.eval.config import EvalConfig
+from hetray.eval.reward import RewardModel
+from hetray.eval.scoring import Scorer
+from hetray.eval.suites import SUITES
 
 
 class EvalError(ValueError):
@@ -24,9 +27,6 @@ class Worker:
     def __init__(self, kind: str, path: str, cfg_json: dict, seed: int):
         from transformers import set_seed
 
-        from hetray.eval.reward import RewardModel
-        from hetray.eval.scoring import Scorer
-
         set_seed(seed)
         random.seed(seed)
         self.cfg = EvalConfig.model_validate(cfg_json)
@@ -37,8 +37,6 @@ class Worker:
         return True
 
     def score(self, suite: str, items: list) -> list[dict]:
-        from hetray.eval.suites import SUITES
-
         return SUITES[suite].score(self.model, items, self.cfg)
 
 

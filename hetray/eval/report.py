@@ -2,7 +2,8 @@
 
 ``write_report(metrics_by_model, out_dir, run_info)`` takes ``{model: {suite: overall}}`` (what
 ``run_eval`` writes under ``"metrics"`` in ``metrics.json``) and writes ``report.md``,
-``report.html`` and PNG plots into ``out_dir``:
+``report.html`` and PNG plots into ``out_dir``: one table per suite, in ``hetray.eval.suites``
+order, with the columns, title and note the suite declares:
 
 * Table 1 (paper): Bias, Bias (Entropy), Bias (Cluster), Accuracy, Similarity on WinoBias (and
   the same on WinoGender when measured). The best value of each column is bold: for the three
@@ -10,8 +11,9 @@
   Similarity also the highest, since it is the share of pro/anti pairs that get the same outcome
   and a model that treats both sentences alike is the less biased one.
 * WinoGrande accuracy, reward-model accuracy and the chat signals, each a table, best bold.
-* Plots: bias against accuracy, one labelled point per model; and when the runs carry a
-  selection fraction (``run_info[model]["fraction"]``), every metric against the fraction, one
+* Plots (through ``hetray.plots``): bias against accuracy for the suites that ask for it, one
+  labelled point per model; and when the runs carry a selection fraction
+  (``run_info[model]["fraction"]``), every suite's ``plot_metrics`` against the fraction, one
   line for SFT-only (-S) and one for SFT+RLHF (-R) (``run_info[model]["rlhf"]``); models
   without a fraction (base, WinoGrande alone) are dashed reference lines.
 """

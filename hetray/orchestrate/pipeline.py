@@ -28,7 +28,7 @@ from pathlib import Path
 
 from hetray.config import JobConfig
 from hetray.orchestrate.ray_init import init_ray
-from hetray.orchestrate.run_report import Step, format_steps, run_summary, write_summary_report
+from hetray.orchestrate.run_report import Step, format_steps, run_row, write_run_report
 from hetray.orchestrate.sync import sync
 from hetray.orchestrate.workspace import derive, selection_name, shared_clusters
 from hetray.stage import Stage, locked, read_manifest, run_stage
@@ -62,7 +62,6 @@ class Run:
 @dataclass
 class Pipeline:
     cfg: JobConfig
-    force: bool = False
     steps: list[Step] = field(default_factory=list)
 
     @property
@@ -128,7 +127,7 @@ def _run(cfg: JobConfig, runs: list[Run], force: bool) -> dict:
     from hetray.unify.convert import run_convert
 
     started = time.time()
-    p = Pipeline(cfg, force)
+    p = Pipeline(cfg)
     root = p.root
     selecting = any(r.folder for r in runs) and p.wants("select")
 
@@ -174,14 +173,14 @@ def _run(cfg: JobConfig, runs: list[Run], force: bool) -> dict:
         "job": cfg.name,
         "run_dir": str(root),
         "wall_time_s": round(time.time() - started, 1),
-        "runs": [run_summary(root, r, models.get(r.name)) for r in runs],
+        "runs": [run_row(root, r, models.get(r.name)) for r in runs],
         "steps": [s.__dict__ for s in p.steps],
         "metrics": metrics,
         "eval_report": str(root / "eval" / "report.md") if metrics else None,
     }
     (root / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     if p.wants("report"):
-        write_summary_report(root, summary)
+        write_run_report(root, summary)
     sync(root, cfg.pipeline.sync_to)
     return summary
 

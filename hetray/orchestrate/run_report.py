@@ -17,7 +17,7 @@ class Step:
     wall_s: float
 
 
-def run_summary(root: Path, run, model: str | None) -> dict:
+def run_row(root: Path, run, model: str | None) -> dict:
     """One run (a ``pipeline.Run``) as the report lists it."""
     out = {"name": run.name, "train": run.train, "fraction": run.fraction, "sources": run.sources,
            "folder": str(root / run.folder) if run.folder else None, "model": model}
@@ -39,7 +39,7 @@ def format_steps(steps: list[Step]) -> str:
     return "\n".join(lines)
 
 
-def format_summary(summary: dict) -> str:
+def format_run_report(summary: dict) -> str:
     """What `hetray run` prints at the end: stage times, where each output is, headline metrics."""
     root = Path(summary["run_dir"])
     lines = [f"# {summary['job']}: done in {summary['wall_time_s']} s", "", "## Stages", format_steps(
@@ -68,9 +68,9 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_summary_report(root: Path, summary: dict) -> Path:
+def write_run_report(root: Path, summary: dict) -> Path:
     path = root / "report.md"
-    path.write_text(format_summary(summary) + "\n")
+    path.write_text(format_run_report(summary) + "\n")
     return path
 
 

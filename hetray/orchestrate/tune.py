@@ -1,18 +1,19 @@
 """``hetray tune``: search the selection settings (k, fraction, and optionally the quality label
 of one source) with Ray Tune, against a short training run's objective.
 
-``run_tune(cfg)`` reads top to bottom:
+``run_tune(cfg)`` is the conductor; it reads top to bottom:
 
 1. ``plan_tune`` checks everything that can be checked before any work (metric, label search,
    resources, held-out split) and raises ``ConfigError`` naming the key;
-2. ``prepare`` runs, once, on the driver, what trials share: for every quality-label variant its
-   own conversion (``<run_dir>/tune/labels/<label>-<direction>/``; the job's own label is the
-   job's ``run_dir``), its embeddings, the clusters for every k of the search space
-   (``workspace.shared_clusters``) and the common held-out sample of pairs;
-3. a ``ray.tune.Tuner`` runs the trials, ``trial`` below, each in ``<run_dir>/tune/<trial>/``
-   (a ``workspace.derive`` run dir: links to the shared data, its own selection and models);
-4. ``write_outputs``: ``trials.csv`` / ``trials.json`` (settings, objective, status, wall time),
-   ``best.json`` and ``objective.png``.
+2. ``prepare`` runs, once, in this process and under the job's run-dir lock, what trials share:
+   for every quality-label variant its own conversion (``<run_dir>/tune/labels/<label>-<direction>/``;
+   the job's own label is the job's ``run_dir``), its embeddings, the clusters for every k of the
+   search space (``workspace.shared_clusters``) and the common held-out sample of pairs;
+3. ``search``: a ``ray.tune.Tuner`` runs the trials, ``trial`` below, each in
+   ``<run_dir>/tune/<trial>/`` (a ``workspace.derive`` run dir: links to the shared data and
+   clusters, its own selection and models; its stages take that run dir's lock);
+4. ``tune_report.write_outputs``: ``trials.csv`` / ``trials.json`` (settings, objective, status,
+   wall time), ``best.json`` and ``objective.png``.
 
 A trial: select -> SFT (``tune.sft_steps``; skipped when nothing needs it: a reward objective
 with ``train.reward.init: base``) -> the reward model at ``tune.rounds`` growing budgets
@@ -23,14 +24,17 @@ take no "continue" option), so a full trial costs (rounds + 1) / 2 times the las
 
 The objective, ``reward_accuracy``: the pairwise accuracy of the trial's reward model on one
 fixed sample of held-out pairs, the same for every trial (``tune.eval_pairs`` pairs of the
-prompts that the reward stage's seeded hash holds out, drawn from all of ``preferences/``;
-TRL drops those longer than ``train.reward.max_length``, the same in every trial). Scored on its
-own selection's held-out pairs instead, a small fraction would be judged on fewer, easier pairs
-(the top quality gaps) than a large one. Trials never train on held-out prompts: SFT trains on
-the selection minus them, the reward stage splits them off by the same hash.
+prompts that the reward stage's seeded hash, ``hetray.pairs.held_out``, holds out, drawn from all
+of ``preferences/``; TRL drops those longer than ``train.reward.max_length``, the same in every
+trial). Scored on its own selection's held-out pairs instead, a small fraction would be judged on
+fewer, easier pairs (the top quality gaps) than a large one. Trials never train on held-out
+prompts: SFT trains on the selection minus them, the reward stage splits them off by the same hash.
 Any evaluation metric (``<suite>.<metric>``, ``hetray.eval.run.run_eval``) may be the
 objective instead: policy suites score the trial's SFT model (once; it does not change between
 rounds), the ``reward`` suite scores each round's reward model.
+
+The held-out sample and a trial's training pairs are two small stages of their own
+(``heldout_sample``, ``write_pairs``), run by ``hetray.stage.run_stage`` like every other.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -47,20 +52,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hetray import stage as mf
 from hetray.config import ConfigError, JobConfig
-from hetray.schema import PREFERENCE_SCHEMA, prompt_id
-from hetray.schema import parquet_files
+from hetray.orchestrate.tune_report import format_table, write_outputs
+from hetray.pairs import held_out
+from hetray.schema import PREFERENCE_SCHEMA, parquet_files
+from hetray.stage import RunDirBusy, Stage, locked, read_manifest, run_stage
 
 log = logging.getLogger(__name__)
 
 DEFAULT_METRIC = "reward_accuracy"
-TABLE_COLUMNS = ["trial", "n_clusters", "fraction", "label", "direction", "repeat", "seed", "objective",
-                 "reward_accuracy", "status", "rounds_done", "reward_steps", "pairs_selected", "train_pairs",
-                 "eval_pairs", "wall_time_s", "error"]
 
 
-# ---------------------------------------------------------------------------- the entry point
+# ---------------------------------------------------------------------------- the conductor
 
 
 def run_tune(cfg: JobConfig) -> dict:
@@ -70,9 +73,12 @@ def run_tune(cfg: JobConfig) -> dict:
     started = time.time()
     init_ray(cfg.ray)
     plan = plan_tune(cfg)
-    prepare(cfg, plan)
-    results = _fit(cfg, plan)
-    return write_outputs(cfg, plan, results, started)
+    # The trials read the root's data and clusters: no other hetray process may rewrite them
+    # meanwhile. The trials' own stages lock their own run dirs, never this one.
+    with locked(cfg.run_dir):
+        prepare(cfg, plan)
+        results = search(cfg, plan)
+        return write_outputs(cfg, plan, results, started)
 
 
 # ---------------------------------------------------------------------------- checks
@@ -113,13 +119,13 @@ def plan_tune(cfg: JobConfig) -> dict:
 
 
 def _check_eval_metric(metric: str) -> None:
-    from hetray.eval.config import SUITES
+    from hetray.eval.config import SUITE_NAMES
 
     suite, _, name = metric.partition(".")
-    if suite not in SUITES or not name:
+    if suite not in SUITE_NAMES or not name:
         raise ConfigError(
             f"tune.metric {metric!r} is not known: use {DEFAULT_METRIC!r} or '<suite>.<metric>' with a suite "
-            f"of {', '.join(SUITES)} (e.g. winobias.bias)")
+            f"of {', '.join(SUITE_NAMES)} (e.g. winobias.bias)")
     try:
         import hetray.eval.run  # noqa: F401
     except ImportError as e:
@@ -162,13 +168,13 @@ def _label_variants(cfg: JobConfig, out: Path) -> dict[str, JobConfig]:
 
 def prepare(cfg: JobConfig, plan: dict) -> None:
     """Per label variant: conversion, embeddings, clusters for every k, the held-out sample."""
-    from hetray.unify.convert import run_convert
-    from hetray.selection.embed import run_embed
     from hetray.orchestrate.workspace import shared_clusters
+    from hetray.selection.embed import run_embed
+    from hetray.unify.convert import run_convert
 
     for name, root in plan["variants"].items():
         prefs = Path(root.run_dir) / "preferences"
-        if root is not cfg or mf.read_manifest(prefs) is None:  # the job's own data is used as it is
+        if root is not cfg or read_manifest(prefs) is None:  # the job's own data is used as it is
             m = run_convert(root)
             if name and m["counts"].get(cfg.tune.label_source, {}).get("pairs", 0) == 0:
                 raise ConfigError(f"tune: {cfg.tune.label_source} with {name} gives no pairs "
@@ -180,7 +186,7 @@ def prepare(cfg: JobConfig, plan: dict) -> None:
             raise ConfigError(f"tune.n_clusters: {too_big} > the {prompts} distinct prompts of {root.run_dir}")
         for k in cfg.tune.n_clusters:
             shared_clusters(root, k)
-        n = heldout_sample(root, Path(plan["out"]) / "heldout" / (name or "job"), cfg.tune.eval_pairs,
+        n = heldout_sample(root, heldout_folder(plan, name), cfg.tune.eval_pairs,
                            cfg.train.reward.eval_fraction, plan["reward_seed"])
         if n == 0:
             raise ConfigError(f"tune: no held-out pairs in {prefs} (train.reward.eval_fraction "
@@ -189,41 +195,71 @@ def prepare(cfg: JobConfig, plan: dict) -> None:
                  em.get("distinct_prompts", prompts), cfg.tune.n_clusters, n)
 
 
-def is_held_out(prompts: list[str], fraction: float, seed: int) -> list[bool]:
-    """The reward stage's split (``train.common.held_out`` of the prompt id), per prompt."""
-    from hetray.train.common import held_out
+def heldout_folder(plan: dict, variant: str) -> Path:
+    """``<run_dir>/tune/heldout/<variant>/``: the held-out sample of one label variant."""
+    return Path(plan["out"]) / "heldout" / (variant or "job")
 
-    return [held_out(prompt_id(p), fraction, seed) for p in prompts]
+
+def _pair_batches(folder: Path):
+    """The pairs of a folder as PREFERENCE_SCHEMA tables, streamed."""
+    for f in parquet_files(folder):
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=65_536):
+            yield pa.Table.from_batches([batch]).select(PREFERENCE_SCHEMA.names).cast(PREFERENCE_SCHEMA)
+
+
+def _held(table: pa.Table, fraction: float, seed: int) -> pa.Array:
+    return pa.array([held_out(p, fraction, seed) for p in table["prompt"].to_pylist()], pa.bool_())
 
 
 def heldout_sample(root: JobConfig, folder: Path, size: int, fraction: float, seed: int) -> int:
-    """At most ``size`` pairs of held-out prompts (of ``select.sources`` when set), the ones with
-    the smallest seeded hash: a fixed test set for every trial. Streams; holds ``size`` rows."""
+    """A stage writing ``folder/heldout.parquet``: at most ``size`` pairs of held-out prompts (of
+    ``select.sources`` when set), the ones with the smallest seeded hash: a fixed test set for
+    every trial. Streams; holds ``size`` rows. Returns the number of pairs."""
     from hetray.selection.rules import tie_hash
 
     prefs = Path(root.run_dir) / "preferences"
-    config = {"size": size, "fraction": fraction, "seed": seed, "sources": root.select.sources}
-    key = mf.stage_key("tune-heldout", config, [mf.fingerprint_dir(prefs)])
-    if mf.is_up_to_date(folder, key):
-        return mf.read_manifest(folder)["pairs"]
-    started = time.time()
-    kept = PREFERENCE_SCHEMA.empty_table().append_column("h", pa.array([], pa.uint64()))
-    for f in parquet_files(prefs):
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=65_536):
-            t = pa.Table.from_batches([batch]).select(PREFERENCE_SCHEMA.names).cast(PREFERENCE_SCHEMA)
-            mask = is_held_out(t["prompt"].to_pylist(), fraction, seed)
+    folder = Path(folder)
+    stage = Stage("tune-heldout", folder.parent, outputs=(folder.name,), inputs=[prefs],
+                  config={"size": size, "fraction": fraction, "seed": seed, "sources": root.select.sources},
+                  required=("heldout.parquet",))
+
+    def work(tmp: Path) -> dict:
+        kept = PREFERENCE_SCHEMA.empty_table().append_column("h", pa.array([], pa.uint64()))
+        for t in _pair_batches(prefs):
+            mask = _held(t, fraction, seed)
             if root.select.sources is not None:
-                mask = pc.and_(pa.array(mask), pc.is_in(t["source"], pa.array(root.select.sources)))
+                mask = pc.and_(mask, pc.is_in(t["source"], pa.array(root.select.sources)))
             t = t.filter(mask)
             t = t.append_column("h", pa.array(tie_hash(t["pair_id"].to_pylist(), seed), pa.uint64()))
             kept = pa.concat_tables([kept, t]).sort_by("h").slice(0, size)
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    pq.write_table(kept.drop_columns(["h"]), folder / "heldout.parquet")
-    manifest = mf.new_manifest("tune-heldout", key, config, [mf.fingerprint_dir(prefs)], started)
-    manifest["pairs"] = kept.num_rows
-    mf.write_manifest(folder, manifest)
-    return kept.num_rows
+        pq.write_table(kept.drop_columns(["h"]), tmp / folder.name / "heldout.parquet")
+        return {"pairs": kept.num_rows}
+
+    return run_stage(stage, work)["pairs"]
+
+
+def write_pairs(folder: Path, sources: list[Path], heldout: Path | None, job: JobConfig) -> int:
+    """A stage writing ``folder/``: the pairs of ``sources`` whose prompt is not held out (by
+    ``train.reward.eval_fraction`` / ``seed``), + the held-out sample's ``heldout.parquet`` when
+    given, streamed. Returns the number of pairs outside the held-out prompts."""
+    fraction, seed = job.train.reward.eval_fraction, job.train.reward.seed
+    folder = Path(folder)
+    stage = Stage("tune-pairs", folder.parent, outputs=(folder.name,), config={"fraction": fraction, "seed": seed},
+                  inputs=[*sources, *([heldout] if heldout is not None else [])], required=("part-00000.parquet",))
+
+    def work(tmp: Path) -> dict:
+        out, rows = tmp / folder.name, 0
+        with pq.ParquetWriter(out / "part-00000.parquet", PREFERENCE_SCHEMA) as w:
+            for source in sources:
+                for t in _pair_batches(source):
+                    t = t.filter(pc.invert(_held(t, fraction, seed)))
+                    w.write_table(t)
+                    rows += t.num_rows
+        if heldout is not None:
+            os.link(Path(heldout) / "heldout.parquet", out / "heldout.parquet")  # read-only from here on
+        return {"pairs": rows}
+
+    return run_stage(stage, work)["pairs"]
 
 
 # ---------------------------------------------------------------------------- the search
@@ -241,7 +277,8 @@ def search_space(cfg: JobConfig, plan: dict) -> dict:
     return space
 
 
-def _fit(cfg: JobConfig, plan: dict):
+def search(cfg: JobConfig, plan: dict):
+    """Run the trials with Ray Tune (ASHA over the reward budgets, or FIFO). Returns the ResultGrid."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -280,33 +317,34 @@ def trial_name(config: dict, cfg: JobConfig) -> str:
 
 
 def trial(config: dict, cfg: JobConfig, plan: dict) -> None:
-    """One trial: select -> SFT -> the reward model at each budget, a report after each."""
+    """One trial: select -> SFT -> the reward model at each budget, a report after each. Runs in
+    a Tune worker process; only stages in its own run dirs (``<run_dir>/tune/<trial>/...``)."""
     from ray import tune
 
+    from hetray.orchestrate.workspace import clusters_folder, derive, with_settings
     from hetray.selection.select import run_select
     from hetray.train.reward import run_reward
     from hetray.train.sft import run_sft
-    from hetray.orchestrate.workspace import _with, derive
 
     name = trial_name(config, cfg)
     run = Path(plan["out"]) / name
     variant = config["variant"]
-    repeat = config.get("repeat", 0)
+    root = plan["variants"][variant]
     t = cfg.tune
-    job = derive(plan["variants"][variant], run, n_clusters=config["n_clusters"], fraction=config["fraction"],
-                 changes={"seed": cfg.seed + repeat, "train.data": "selected", "train.sft.max_steps": t.sft_steps,
-                          "train.reward.seed": plan["reward_seed"]})
+    job = derive(root, run, clusters_folder(root, config["n_clusters"]), fraction=config["fraction"],
+                 changes={"seed": cfg.seed + config.get("repeat", 0), "train.data": "selected",
+                          "train.sft.max_steps": t.sft_steps, "train.reward.seed": plan["reward_seed"]})
     selection = run_select(job, out_name="selection")
-    heldout = Path(plan["out"]) / "heldout" / (variant or "job")
-    train_pairs = _write_pairs(run / "reward_data", [run / "selection"], heldout, job, "minus-heldout+sample")
+    heldout = heldout_folder(plan, variant)
+    train_pairs = write_pairs(run / "reward_data", [run / "selection"], heldout, job)
     if train_pairs == 0:
         raise ValueError(f"{name}: all {selection['pairs_selected']} selected pairs have held-out prompts: "
                          "nothing to train on (raise fraction or lower train.reward.eval_fraction)")
     if needs_sft(cfg):
-        _write_pairs(run / "selected", [run / "selection"], None, job, "minus-heldout")
+        write_pairs(run / "selected", [run / "selection"], None, job)
         run_sft(job)
     metrics = {"trial": name, "pairs_selected": selection["pairs_selected"], "train_pairs": train_pairs,
-               "heldout_pairs": mf.read_manifest(heldout)["pairs"]}
+               "heldout_pairs": read_manifest(heldout)["pairs"]}
     sft_value = None
     for r, steps in enumerate(plan["budgets"], 1):
         rdir = run / f"reward_r{r}"
@@ -314,7 +352,7 @@ def trial(config: dict, cfg: JobConfig, plan: dict) -> None:
         for link, target in (("selected", run / "reward_data"), ("sft", run / "sft")):
             if target.exists() and not (rdir / link).is_symlink():
                 (rdir / link).symlink_to(target, target_is_directory=True)
-        m = run_reward(_with(job, run_dir=str(rdir), **{"train.reward.max_steps": steps}))
+        m = run_reward(with_settings(job, run_dir=str(rdir), **{"train.reward.max_steps": steps}))
         final = m.get("final", {})
         if not final.get("eval_pairs"):  # TRL drops pairs longer than max_length, the same ones every trial
             raise ValueError(f"{name}: none of the {metrics['heldout_pairs']} held-out pairs of {heldout} fits "
@@ -339,35 +377,6 @@ def needs_sft(cfg: JobConfig) -> bool:
     return cfg.train.reward.init == "sft" or not reward_only
 
 
-def _write_pairs(folder: Path, sources: list[Path], heldout: Path | None, job: JobConfig, what: str) -> int:
-    """``folder/`` = the pairs of ``sources`` whose prompt is not held out (+ the held-out sample
-    when given), streamed, with a manifest: re-runs skip it and the stages keyed on it. Returns
-    the number of pairs outside the held-out prompts."""
-    fraction, seed = job.train.reward.eval_fraction, job.train.reward.seed
-    inputs = [mf.fingerprint_dir(s) for s in sources] + ([mf.fingerprint_dir(heldout)] if heldout else [])
-    key = mf.stage_key(f"tune-{what}", {"fraction": fraction, "seed": seed}, inputs)
-    if mf.is_up_to_date(folder, key):
-        return mf.read_manifest(folder)["pairs"]
-    started = time.time()
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    rows = 0
-    with pq.ParquetWriter(folder / "part-00000.parquet", PREFERENCE_SCHEMA) as w:
-        for f in [f for s in sources for f in parquet_files(s)]:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=65_536):
-                t = pa.Table.from_batches([batch]).select(PREFERENCE_SCHEMA.names).cast(PREFERENCE_SCHEMA)
-                keep = [not h for h in is_held_out(t["prompt"].to_pylist(), fraction, seed)]
-                t = t.filter(pa.array(keep, pa.bool_()))
-                w.write_table(t)
-                rows += t.num_rows
-    if heldout is not None:
-        os.link(heldout / "heldout.parquet", folder / "heldout.parquet")  # read-only from here on
-    manifest = mf.new_manifest(f"tune-{what}", key, {"fraction": fraction, "seed": seed}, inputs, started)
-    manifest["pairs"] = rows
-    mf.write_manifest(folder, manifest)
-    return rows
-
-
 def eval_metric(job: JobConfig, metric: str, model: Path, reward_dir: Path | None, out: Path) -> float:
     """``<suite>.<metric>`` of ``model`` (policy suites: the SFT model) or of the reward model in
     ``reward_dir`` (the reward suite), with the job's ``eval:`` settings."""
@@ -384,108 +393,6 @@ def eval_metric(job: JobConfig, metric: str, model: Path, reward_dir: Path | Non
     return float(values[name])
 
 
-# ---------------------------------------------------------------------------- outputs
-
-
-def trial_rows(cfg: JobConfig, plan: dict, results) -> list[dict]:
-    """One row per trial, from the Tune ResultGrid."""
-    rows = []
-    for res in results:
-        m, c = res.metrics or {}, res.config
-        rounds = m.get("round", 0)
-        status = "error" if res.error else ("completed" if rounds == len(plan["budgets"]) else "stopped")
-        label, _, direction = (c.get("variant") or "").rpartition("-")
-        value = m.get(cfg.tune.metric)
-        rows.append({
-            "trial": m.get("trial") or Path(res.path).name, "n_clusters": c["n_clusters"], "fraction": c["fraction"],
-            "label": label or None, "direction": direction or None, "repeat": c.get("repeat", 0),
-            "seed": cfg.seed + c.get("repeat", 0),
-            "objective": float(value) if value is not None else None,
-            "reward_accuracy": m.get("reward_accuracy"), "status": status, "rounds_done": rounds,
-            "reward_steps": m.get("reward_steps"), "pairs_selected": m.get("pairs_selected"),
-            "train_pairs": m.get("train_pairs"), "eval_pairs": m.get("eval_pairs"),
-            "wall_time_s": round(m["time_total_s"], 1) if "time_total_s" in m else None,
-            "error": str(res.error).strip().splitlines()[-1][:300] if res.error else None,
-        })
-    return sorted(rows, key=lambda r: (r["label"] or "", r["direction"] or "", r["n_clusters"], r["fraction"], r["repeat"]))
-
-
-def best_row(rows: list[dict], mode: str) -> dict | None:
-    """The best trial that trained every budget (an ASHA-stopped trial's last value is a smaller
-    budget's, not comparable); the best of any finite one when none completed."""
-    def finite(r):
-        return r["objective"] is not None and math.isfinite(r["objective"])
-
-    pool = [r for r in rows if r["status"] == "completed" and finite(r)] or [r for r in rows if finite(r)]
-    if not pool:
-        return None
-    return (max if mode == "max" else min)(pool, key=lambda r: r["objective"])
-
-
-def write_outputs(cfg: JobConfig, plan: dict, results, started: float) -> dict:
-    import pandas as pd
-
-    out = Path(plan["out"])
-    rows = trial_rows(cfg, plan, results)
-    pd.DataFrame(rows, columns=TABLE_COLUMNS).to_csv(out / "trials.csv", index=False)
-    (out / "trials.json").write_text(json.dumps(rows, indent=1) + "\n")
-    best = best_row(rows, cfg.tune.mode)
-    if best is None:
-        raise RuntimeError(f"tune: no trial gave an objective; see {out / 'trials.csv'} (errors) and {out / 'ray'}")
-    settings = {"n_clusters": best["n_clusters"], "fraction": best["fraction"]}
-    overrides = [f"cluster.n_clusters={best['n_clusters']}", f"select.fraction={best['fraction']:g}"]
-    if best["label"]:
-        settings.update(label=best["label"], direction=best["direction"])
-        i = [s.name for s in cfg.convert.sources].index(cfg.tune.label_source)
-        overrides += [f"convert.sources.{i}.label={best['label']}", f"convert.sources.{i}.direction={best['direction']}"]
-    summary = {
-        "metric": cfg.tune.metric, "mode": cfg.tune.mode, "objective": best["objective"], "settings": settings,
-        "trial": best["trial"], "trial_dir": str(out / best["trial"]), "overrides": overrides,
-        "trials": len(rows), "completed": sum(r["status"] == "completed" for r in rows),
-        "stopped_early": sum(r["status"] == "stopped" for r in rows), "errors": sum(r["status"] == "error" for r in rows),
-        "reward_budgets": plan["budgets"], "max_concurrent_trials": plan["concurrent"],
-        "wall_time_s": round(time.time() - started, 1),
-    }
-    (out / "best.json").write_text(json.dumps(summary, indent=1) + "\n")
-    plot_objective(rows, out / "objective.png", cfg.tune.metric, cfg.tune.mode)
-    return summary
-
-
-def plot_objective(rows: list[dict], path: Path, metric: str, mode: str) -> None:
-    """Objective vs fraction, one line per k (mean over repeats), one panel per label variant;
-    hollow markers: trials ASHA stopped (their value is a smaller budget's)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    df = pd.DataFrame(rows)
-    df = df[df["objective"].notna()]
-    df["variant"] = [f"{l}-{d}" if l else "" for l, d in zip(df["label"].fillna(""), df["direction"].fillna(""))] if len(df) else []
-    variants = sorted(df["variant"].unique()) if len(df) else [""]
-    fig, axes = plt.subplots(1, len(variants), figsize=(5.5 * len(variants), 3.8), squeeze=False)
-    for ax, variant in zip(axes[0], variants):
-        part = df[df["variant"] == variant] if len(df) else df
-        for k, g in part.groupby("n_clusters"):
-            mean = g.groupby("fraction")["objective"].mean()
-            line, = ax.plot(mean.index, mean.values, label=f"k={k}")
-            for status, face in (("completed", line.get_color()), ("stopped", "none")):
-                pts = g[g["status"] == status]
-                ax.scatter(pts["fraction"], pts["objective"], s=45, facecolors=face, edgecolors=line.get_color(), zorder=3)
-        ax.set_xticks(sorted(part["fraction"].unique()) if len(part) else [])
-        ax.set_xlabel("fraction")
-        ax.set_ylabel(f"{metric} ({mode})")
-        ax.set_title(variant or "selection settings", fontsize=10)
-        ax.grid(alpha=0.3)
-        if len(part):
-            ax.legend(fontsize=8)
-    fig.suptitle(f"{metric} by fraction and k (hollow: stopped early)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------------------- command line
 
 
@@ -495,22 +402,15 @@ def add_arguments(p) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tune.fraction=[0.2,1.0] tune.scheduler=fifo")
 
 
-def format_table(rows: list[dict]) -> str:
-    cols = ["trial", "objective", "reward_accuracy", "status", "rounds_done", "pairs_selected", "wall_time_s"]
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
-    cells = [cols] + [[fmt(r[c]) for c in cols] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells)
-
-
 def cli(args) -> int:
+    """Run ``hetray tune``; print the trial table and the best settings. Errors go to stderr, exit 2."""
     from hetray.config import load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
         best = run_tune(cfg)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"hetray tune: error: {e}", flush=True)
+    except (ConfigError, FileNotFoundError, ValueError, RunDirBusy, RuntimeError) as e:
+        print(f"hetray tune: error: {e}", file=sys.stderr, flush=True)
         return 2
     out = Path(cfg.run_dir) / "tune"
     print(format_table(json.loads((out / "trials.json").read_text())))

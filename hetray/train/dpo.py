@@ -8,22 +8,16 @@ model is the same weights with the adapter switched off. A maintained alternativ
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from hetray.models import CAUSAL, load_model, load_tokenizer
 from hetray.pairs import pair_rows, uses_chat
-from hetray.train.driver import STAGE_MODEL_DIR, StageJob, resolve_base, train_stage
+from hetray.train.driver import StageJob, start_model, train_stage
 from hetray.train.worker import lora_config, training_args
 
 
 def run_dpo(cfg, force: bool = False) -> dict:
     """Train (or skip, when up to date) the DPO policy. Returns its manifest."""
-    s = cfg.train.dpo
-    if s.init == "sft":
-        model, upstream = str(Path(cfg.run_dir).resolve() / "sft" / STAGE_MODEL_DIR), ("sft",)
-    else:
-        model, upstream = resolve_base(cfg.train.model), ()
-    return train_stage(cfg, "dpo", s, model=model, head=CAUSAL, build_trainer=build_trainer,
+    model, upstream = start_model(cfg, cfg.train.dpo.init)
+    return train_stage(cfg, "dpo", cfg.train.dpo, model=model, head=CAUSAL, build_trainer=build_trainer,
                        upstream=upstream, force=force)
 
 

@@ -74,6 +74,14 @@ def resolve_base(name: str) -> str:
     return resolve_llm(name)
 
 
+def start_model(cfg, init: str) -> tuple[str, tuple[str, ...]]:
+    """(model, upstream stages) for a stage that starts from the SFT model (``init: sft``) or
+    the base LLM (``init: base``)."""
+    if init == "sft":
+        return str(Path(cfg.run_dir).resolve() / "sft" / STAGE_MODEL_DIR), ("sft",)
+    return resolve_base(cfg.train.model), ()
+
+
 def validate(cfg, job: StageJob) -> None:
     """Fail before Ray Train starts: LoRA targets, DeepSpeed file, cluster size."""
     import ray

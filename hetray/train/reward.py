@@ -10,22 +10,16 @@ cheap objective Ray Tune searches selection settings against.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from hetray.models import SEQ_CLS, load_model, load_tokenizer
 from hetray.pairs import split_pairs, uses_chat
-from hetray.train.driver import STAGE_MODEL_DIR, StageJob, resolve_base, train_stage
+from hetray.train.driver import StageJob, start_model, train_stage
 from hetray.train.worker import lora_config, training_args
 
 
 def run_reward(cfg, force: bool = False) -> dict:
     """Train (or skip, when up to date) the reward model. Returns its manifest."""
-    s = cfg.train.reward
-    if s.init == "sft":
-        model, upstream = str(Path(cfg.run_dir).resolve() / "sft" / STAGE_MODEL_DIR), ("sft",)
-    else:
-        model, upstream = resolve_base(cfg.train.model), ()
-    return train_stage(cfg, "reward", s, model=model, head=SEQ_CLS, build_trainer=build_trainer,
+    model, upstream = start_model(cfg, cfg.train.reward.init)
+    return train_stage(cfg, "reward", cfg.train.reward, model=model, head=SEQ_CLS, build_trainer=build_trainer,
                        upstream=upstream, finish=evaluate, force=force)
 
 

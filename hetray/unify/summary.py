@@ -104,7 +104,7 @@ def _fmt_quality(q: dict | None) -> str:
     )
 
 
-def format_run_summary(summary: dict) -> str:
+def format_convert_summary(summary: dict) -> str:
     lines = [f"run: {summary['run_dir']}"]
     if summary.get("manifest"):
         m = summary["manifest"]
@@ -128,7 +128,7 @@ def inspect(path) -> str:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     if (path / "preferences").is_dir():
-        return format_run_summary(summarize_run(path))
+        return format_convert_summary(summarize_run(path))
     files = parquet_files(path)
     if not files:
         raise ValueError(f"{path} holds no Parquet files and no hetray run")

@@ -53,7 +53,8 @@ def test_best_models_direction_and_ties():
 
 def test_table1_bolds_the_best_cell_of_each_column(tmp_path):
     paths = write_report(METRICS, tmp_path, run_info=RUNS)
-    md = open(paths["markdown"]).read()
+    assert (paths["markdown"], paths["html"]) == ("report.md", "report.html")  # relative to the folder
+    md = (tmp_path / paths["markdown"]).read_text()
     header, rows = _table(md, "Table 1: gender bias on WinoBias")
     assert header[:3] == ["model", "fraction", "rlhf"] and len(rows) == 7
     for column, model in EXPECTED_BOLD.items():
@@ -78,7 +79,7 @@ def test_table1_bolds_the_best_cell_of_each_column(tmp_path):
 
 def test_html_has_the_numbers_and_the_bold_cells(tmp_path):
     paths = write_report(METRICS, tmp_path, run_info=RUNS)
-    page = open(paths["html"]).read()
+    page = (tmp_path / paths["html"]).read_text()
     assert page.startswith("<!doctype html>")
     for model, metrics in METRICS.items():
         assert f">{model}<" in page
@@ -88,15 +89,14 @@ def test_html_has_the_numbers_and_the_bold_cells(tmp_path):
     assert sorted(bold) == ["0.019", "0.287", "0.602", "0.702", "1.899"]
     assert "<td><b>0.625</b></td>" in page  # WinoGrande
     for p in paths["plots"]:
-        assert f'src="{p.rsplit("/", 1)[-1]}"' in page
+        assert f'src="{p}"' in page
 
 
 def test_plots_are_png_files(tmp_path):
     paths = write_report(METRICS, tmp_path, run_info=RUNS)
-    names = sorted(p.rsplit("/", 1)[-1] for p in paths["plots"])
-    assert names == ["fraction.png", "winobias_bias_accuracy.png"]
+    assert paths["plots"] == ["winobias_bias_accuracy.png", "fraction.png"]
     for p in paths["plots"]:
-        data = open(p, "rb").read()
+        data = (tmp_path / p).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
@@ -107,7 +107,7 @@ def test_no_fraction_no_fraction_plot_and_suites_without_data(tmp_path):
                                 "repeated_ngram_rate": 0.10, "mean_new_tokens": 41.5}}}
     paths = write_report(metrics, tmp_path)
     assert paths["plots"] == []
-    md = open(paths["markdown"]).read()
+    md = (tmp_path / paths["markdown"]).read_text()
     assert "Table 1" not in md and "WinoGrande" not in md
     header, rows = _table(md, "Instruction following: automatic signals (answers in chat.md)")
     assert rows["sft"][header.index("stops (EOS)")] == "**0.800**"

@@ -7,7 +7,6 @@ random Llama check that the real path computes the same numbers, end to end and 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,14 +15,29 @@ import pytest
 import torch
 
 from hetray.eval import chat, reward, winogrande
-from hetray.eval.config import EvalConfig, WinoGrandeSettings
-from hetray.eval.run import EvalError, parse_models, run_eval, split_evenly
-from hetray.unify.sources.readers import InputError
+from hetray.eval.config import SUITE_NAMES, EvalConfig
+from hetray.eval.pool import split_evenly
+from hetray.eval.run import EvalError, parse_models, run_eval
+from hetray.eval.suites import SUITES
+from hetray.eval.winogrande import WinoGrandeError
 
 from conftest import FIXTURES
 
 HERE = FIXTURES / "eval_suites"
 SMALL = str(HERE / "winogrande_small.jsonl")
+
+
+def run_suite(name: str, model, cfg: EvalConfig, reward_model: str | None = None) -> tuple[dict, list[dict]]:
+    """A suite's own steps, as the runner takes them: load, score, aggregate."""
+    suite = SUITES[name]
+    records = suite.score(model, suite.load(cfg, reward_model), cfg)
+    return suite.aggregate(records), records
+
+
+def test_every_suite_is_declared_once_in_report_order():
+    assert tuple(SUITES) == SUITE_NAMES == ("winobias", "winogender", "winogrande", "reward", "chat")
+    assert [s.kind for s in SUITES.values()] == ["policy", "policy", "policy", "reward", "policy"]
+    assert {s.name for s in SUITES.values() if s.by_group} == {"winobias", "winogender"}
 
 
 # ---------------------------------------------------------------------------- WinoGrande
@@ -62,11 +76,11 @@ def test_partial_scoring_picks_the_option_with_the_higher_total_logprob():
         (rain + "Rachel", " was about to walk home in the rain."): [-1.0],
     }
     stub = LogprobStub(table)
-    out = winogrande.evaluate_winogrande(stub, WinoGrandeSettings(path=SMALL))
-    assert [r["pred"] for r in out["records"]] == [1, 1, 2]
-    assert [r["correct"] for r in out["records"]] == [True, False, True]
-    assert out["records"][1]["logprob1"] == pytest.approx(-4.0) and out["records"][1]["logprob2"] == pytest.approx(-4.5)
-    assert out["overall"] == {"accuracy": pytest.approx(2 / 3), "items": 3}
+    overall, records = run_suite("winogrande", stub, EvalConfig(winogrande={"path": SMALL}))
+    assert [r["pred"] for r in records] == [1, 1, 2]
+    assert [r["correct"] for r in records] == [True, False, True]
+    assert records[1]["logprob1"] == pytest.approx(-4.0) and records[1]["logprob2"] == pytest.approx(-4.5)
+    assert overall == {"accuracy": pytest.approx(2 / 3), "items": 3}
     # one batched call: both options of every item, the same continuation for both
     (prompts, conts), = stub.calls
     assert len(prompts) == 6 and conts[0] == conts[1] == " was too large."
@@ -75,20 +89,22 @@ def test_partial_scoring_picks_the_option_with_the_higher_total_logprob():
 def test_tie_goes_to_option1_and_limit():
     large = "The trophy would not fit into the suitcase because the "
     table = {(large + o, " was too large."): [-1.0] for o in ("trophy", "suitcase")}
-    out = winogrande.evaluate_winogrande(LogprobStub(table), WinoGrandeSettings(path=SMALL, limit=1))
-    assert out["overall"]["items"] == 1 and out["records"][0]["pred"] == 1
+    overall, records = run_suite("winogrande", LogprobStub(table), EvalConfig(winogrande={"path": SMALL, "limit": 1}))
+    assert overall == {"accuracy": 1.0, "items": 1} and records[0]["pred"] == 1
 
 
 def test_bundled_sample_loads_and_skips_unanswered_rows(tmp_path):
     items = winogrande.load_items("sample:winogrande.jsonl")
     assert len(items) == 24 and all(i["answer"] in (1, 2) for i in items)  # line 25 is a test-split row
     (tmp_path / "test.jsonl").write_text('{"sentence": "A _ b.", "option1": "a", "option2": "b"}\n')
-    with pytest.raises(InputError, match="no rows with an answer"):
+    with pytest.raises(WinoGrandeError, match="no rows with an answer"):
         winogrande.load_items(str(tmp_path / "test.jsonl"))
+    with pytest.raises(WinoGrandeError, match="does not exist"):
+        winogrande.load_items(str(tmp_path / "nope.jsonl"))
 
 
 def test_bad_row_names_file_and_line():
-    with pytest.raises(InputError, match=r"winogrande_bad\.jsonl:3: field 'answer'"):
+    with pytest.raises(WinoGrandeError, match=r"winogrande_bad\.jsonl:3: field 'answer'"):
         winogrande.load_items(str(HERE / "winogrande_bad.jsonl"))
 
 
@@ -104,7 +120,7 @@ def test_bad_row_names_file_and_line():
 def test_bad_rows_are_refused(tmp_path, row, message):
     f = tmp_path / "wg.jsonl"
     f.write_text('{"sentence": "A _ b.", "option1": "x", "option2": "y", "answer": "2"}\n' + row + "\n")
-    with pytest.raises(InputError, match=rf"wg\.jsonl:2: .*{message}"):
+    with pytest.raises(WinoGrandeError, match=rf"wg\.jsonl:2: .*{message}"):
         winogrande.load_items(str(f))
 
 
@@ -118,9 +134,9 @@ def smollm2():
 @pytest.mark.slow
 def test_real_model_partial_scores_match_a_plain_forward_pass(smollm2):
     """The suite's numbers on SmolLM2 equal a hand-rolled, unbatched forward pass."""
-    out = winogrande.evaluate_winogrande(smollm2, WinoGrandeSettings(path=SMALL))
+    overall, records = run_suite("winogrande", smollm2, EvalConfig(winogrande={"path": SMALL}))
     model, tok = smollm2.model, smollm2.tokenizer
-    for r in out["records"]:
+    for r in records:
         target = winogrande.partial_target(r["sentence"])
         for k in (1, 2):
             context = winogrande.partial_context(r["sentence"], r[f"option{k}"])
@@ -131,8 +147,8 @@ def test_real_model_partial_scores_match_a_plain_forward_pass(smollm2):
             expected = sum(logp[i - 1, ids[i]].item() for i in range(n_ctx, len(ids)))
             assert r[f"logprob{k}"] == pytest.approx(expected, abs=1e-3)
         assert r["pred"] == (1 if r["logprob1"] >= r["logprob2"] else 2)
-    assert out["overall"]["items"] == 3
-    assert out["overall"]["accuracy"] == sum(r["correct"] for r in out["records"]) / 3
+    assert overall["items"] == 3
+    assert overall["accuracy"] == sum(r["correct"] for r in records) / 3
 
 
 # ---------------------------------------------------------------------------- reward model
@@ -181,12 +197,13 @@ def test_reward_pairwise_accuracy_on_a_stub(batch_size):
 
 
 def _reward_run(root: Path, tiny_llama: str) -> Path:
-    """A run folder as the reward stage leaves it: pairs, reward/merged, reward/manifest.json."""
+    """A run folder as the reward stage leaves it: pairs, reward/merged, reward/manifest.json
+    (the manifest's fields that the evaluation reads, written by hand)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from hetray import stage as mf
+    from hetray.models import load_tokenizer
     from hetray.schema import PREFERENCE_SCHEMA, make_id
-    from hetray.train import common
+    from hetray.stage import write_manifest
 
     pairs = [{"pair_id": make_id("p", str(i)), "prompt": f"Question number {i}?", "chosen": f"Good answer {i}.",
               "rejected": "No.", "source": "t", "quality": None, "provenance": [str(i)]} for i in range(40)]
@@ -197,41 +214,54 @@ def _reward_run(root: Path, tiny_llama: str) -> Path:
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(tiny_llama, num_labels=1)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(merged)
-    common.load_tokenizer(tiny_llama).save_pretrained(merged)
-    settings = {"eval_fraction": 0.25, "seed": None}
-    config = {"model": "x", "settings": settings, "seed": 3}
-    m = mf.new_manifest("train-reward", "k", config, [mf.fingerprint_dir(root / "selected")], 0.0)
-    mf.write_manifest(root / "reward", {**m, "model_in": tiny_llama})
+    load_tokenizer(tiny_llama).save_pretrained(merged)
+    write_manifest(root / "reward", {"stage": "train-reward", "data": "selected",
+                                     "config": {"settings": {"eval_fraction": 0.25}, "seed": 3}})
     return root
 
 
 def test_reward_held_out_pairs_are_the_reward_stages_split(tmp_path, tiny_llama):
-    from hetray.train.config import RewardSettings
-    from hetray.train.reward import split_pairs
-    from hetray.train import common
+    from hetray.pairs import split_pairs
 
     run = _reward_run(tmp_path / "run", tiny_llama)
     got = reward.load_items(str(run / "reward"), EvalConfig().reward)
-    job = common.StageJob("reward", RewardSettings(eval_fraction=0.25), tiny_llama, common.SEQ_CLS,
-                          str(run / "selected"), "", 3, False, None)
-    _, expected = split_pairs(job)
-    assert got == expected and 3 <= len(got) <= 20
-    assert isinstance(got[0]["prompt"], list)  # chat turns: the tokenizer has a template
+    train, expected = split_pairs(run / "selected", 0.25, 3, chat=True)
+    assert got == expected and 3 <= len(got) <= 20 and len(got) + len(train) == 40
+    assert not {p["prompt"][0]["content"] for p in got} & {p["prompt"][0]["content"] for p in train}
+    assert got != split_pairs(run / "selected", 0.25, 4, chat=True)[1]  # the manifest's seed decides
+    assert got[0]["prompt"] == [{"role": "user", "content": got[0]["prompt"][0]["content"]}]  # chat turns
+    assert set(got[0]) == {"prompt", "chosen", "rejected"}
     # the run dir and the merged checkpoint find the same stage; limit cuts
     assert reward.load_items(str(run), EvalConfig().reward) == got
-    assert len(reward.load_items(str(run / "reward" / "merged"), EvalConfig(reward={"limit": 2}).reward)) == 2
+    assert reward.load_items(str(run / "reward" / "merged"), EvalConfig(reward={"limit": 2}).reward) == got[:2]
 
 
-def test_reward_end_to_end_on_a_tiny_classifier(tmp_path, tiny_llama):
+def test_reward_manifest_without_the_split_is_named(tmp_path, tiny_llama):
+    from hetray.stage import write_manifest
+
     run = _reward_run(tmp_path / "run", tiny_llama)
-    out = reward.evaluate_reward(str(run / "reward"), EvalConfig().reward, batch_size=3, device="cpu")
-    rm = reward.RewardModel.load(str(run / "reward" / "merged"), batch_size=1, device="cpu")
-    pairs = reward.load_items(str(run), EvalConfig().reward)
-    one_by_one = [rm.rewards([rm.token_ids(p["prompt"], p[k])])[0] for p in pairs for k in ("chosen", "rejected")]
-    got = [x for r in out["records"] for x in (r["reward_chosen"], r["reward_rejected"])]
+    write_manifest(run / "reward", {"stage": "train-reward", "config": {"settings": {"eval_fraction": 0.25}, "seed": 3}})
+    with pytest.raises(reward.RewardEvalError, match=r"manifest\.json: no 'data'"):
+        reward.load_items(str(run / "reward"), EvalConfig().reward)
+    write_manifest(run / "reward", {"stage": "train-reward", "data": "gone",
+                                    "config": {"settings": {"eval_fraction": 0.25}, "seed": 3}})
+    with pytest.raises(reward.RewardEvalError, match=r"the pairs it was trained on \(.*run/gone\) are gone"):
+        reward.load_items(str(run / "reward"), EvalConfig().reward)
+
+
+def test_reward_suite_on_a_tiny_classifier(tmp_path, tiny_llama):
+    run = _reward_run(tmp_path / "run", tiny_llama)
+    cfg = EvalConfig(batch_size=3, device="cpu")
+    rm = reward.RewardModel.load(str(run / "reward"), batch_size=3, device="cpu")
+    overall, records = run_suite("reward", rm, cfg, reward_model=str(run / "reward"))
+    one = reward.RewardModel.load(str(run / "reward" / "merged"), batch_size=1, device="cpu")
+    pairs = reward.load_items(str(run), cfg.reward)
+    one_by_one = [one.rewards([one.token_ids(p["prompt"], p[k])])[0] for p in pairs for k in ("chosen", "rejected")]
+    got = [x for r in records for x in (r["reward_chosen"], r["reward_rejected"])]
     assert got == pytest.approx(one_by_one, abs=1e-4)  # right padding changes nothing
-    assert out["overall"]["pairs"] == len(pairs)
-    assert out["overall"]["accuracy"] == sum(a > b for a, b in zip(one_by_one[::2], one_by_one[1::2])) / len(pairs)
+    assert overall["pairs"] == len(pairs) == len(records)
+    assert overall["accuracy"] == sum(a > b for a, b in zip(one_by_one[::2], one_by_one[1::2])) / len(pairs)
+    assert records[0]["prompt"] == pairs[0]["prompt"][0]["content"]
 
 
 def test_reward_model_without_a_stage_needs_pairs(tmp_path, tiny_llama):
@@ -241,7 +271,8 @@ def test_reward_model_without_a_stage_needs_pairs(tmp_path, tiny_llama):
     with pytest.raises(reward.RewardEvalError, match="no reward-stage manifest"):
         reward.load_items(str(lone), EvalConfig().reward)
     pairs = reward.load_items(str(lone), EvalConfig(reward={"pairs": str(run / "selected")}).reward)
-    assert len(pairs) == 40 and "prompt_id" not in pairs[0]
+    assert len(pairs) == 40 and set(pairs[0]) == {"prompt", "chosen", "rejected"}
+    assert pairs[5]["chosen"] == [{"role": "assistant", "content": "Good answer 5."}]
 
 
 # ---------------------------------------------------------------------------- chat
@@ -271,7 +302,7 @@ class ChatStub:
         self.answers, self.calls = answers, []
         self.tokenizer = IdTokenizerWords()
 
-    def generate(self, prompts, max_new_tokens, stop_strings=None, chat=False):
+    def generate(self, prompts, max_new_tokens, chat=False):
         self.calls.append((list(prompts), max_new_tokens, chat))
         return [self.answers[p] for p in prompts]
 
@@ -291,14 +322,13 @@ def test_chat_signals_and_rates():
         "p4": "p4",                                          # echoes the prompt
     }
     stub = ChatStub(answers)
-    out = chat.evaluate_chat(stub, EvalConfig(chat={"prompts": list(answers), "max_new_tokens": 6}).chat)
+    o, records = run_suite("chat", stub, EvalConfig(chat={"prompts": list(answers), "max_new_tokens": 6}))
     assert stub.calls == [(list(answers), 6, True)]
-    r = {x["prompt"]: x for x in out["records"]}
+    r = {x["prompt"]: x for x in records}
     assert [r[p]["non_empty"] for p in answers] == [True, False, True, True]
     assert [r[p]["stops"] for p in answers] == [True, True, False, True]
     assert [r[p]["repeats_prompt"] for p in answers] == [False, False, False, True]
     assert r["p3"]["repeated_ngram_rate"] == pytest.approx(1 - 1 / 3)
-    o = out["overall"]
     assert o["responses"] == 4
     assert (o["non_empty_rate"], o["stop_rate"], o["prompt_repeat_rate"]) == (0.75, 0.75, 0.25)
     assert o["repeated_ngram_rate"] == pytest.approx((1 - 1 / 3) / 4)
@@ -306,13 +336,14 @@ def test_chat_signals_and_rates():
 
 
 def test_chat_side_by_side(tmp_path):
-    recs = {m: chat.evaluate_chat(ChatStub({"Hi?": f"Hello from {m}."}), EvalConfig(chat={"prompts": ["Hi?"]}).chat)["records"]
+    recs = {m: run_suite("chat", ChatStub({"Hi?": f"Hello from {m}."}), EvalConfig(chat={"prompts": ["Hi?"]}))[1]
             for m in ("base", "sft")}
     paths = chat.write_side_by_side(recs, tmp_path)
-    md = Path(paths["chat_markdown"]).read_text()
+    assert paths == {"chat_markdown": "chat.md", "chat_jsonl": "chat.jsonl"}  # relative to the folder
+    md = (tmp_path / paths["chat_markdown"]).read_text()
     assert "## 1. Hi?" in md and "> Hello from base." in md and "> Hello from sft." in md
     assert md.index("**base**") < md.index("**sft**")
-    lines = [json.loads(x) for x in Path(paths["chat_jsonl"]).read_text().splitlines()]
+    lines = [json.loads(x) for x in (tmp_path / paths["chat_jsonl"]).read_text().splitlines()]
     assert [(x["model"], x["response"]) for x in lines] == [("base", "Hello from base."), ("sft", "Hello from sft.")]
 
 
@@ -409,32 +440,63 @@ def test_run_eval_reward_suite_finds_the_runs_reward_model(tmp_path, tiny_llama)
     run = _reward_run(tmp_path / "run", tiny_llama)
     shutil.copytree(tiny_llama, run / "ppo" / "merged")
     models = {"ppo": str(run / "ppo" / "merged"), "base": tiny_llama}
-    result = run_eval(models, EvalConfig(suites=["reward"], device="cpu"), tmp_path / "eval")
-    alone = reward.evaluate_reward(str(run / "reward"), EvalConfig().reward, device="cpu")
-    assert result["ppo"]["reward"] == {**alone["overall"], "reward_model": str(run / "reward")}
+    cfg = EvalConfig(suites=["reward"], device="cpu")
+    result = run_eval(models, cfg, tmp_path / "eval")
+    rm = reward.RewardModel.load(str(run / "reward"), batch_size=cfg.batch_size, device="cpu")
+    alone, records = run_suite("reward", rm, cfg, reward_model=str(run / "reward"))
+    assert result["ppo"]["reward"] == pytest.approx({**alone, "reward_model": str(run / "reward")}, abs=1e-5)
     assert result["base"] == {}  # no reward model goes with the bare base model
-    given = run_eval({"base": tiny_llama}, EvalConfig(suites=["reward"], device="cpu"), tmp_path / "e2",
-                     extra={"base": {"reward_model": str(run)}})
-    assert given["base"]["reward"]["accuracy"] == alone["overall"]["accuracy"]
-    assert pq.read_table(tmp_path / "eval" / "records" / "reward.parquet").num_rows == alone["overall"]["pairs"]
+    assert result["_meta"]["reward_models"] == {"ppo": str(run / "reward")}
+    given = run_eval({"base": tiny_llama}, cfg, tmp_path / "e2", extra={"base": {"reward_model": str(run)}})
+    assert given["base"]["reward"]["accuracy"] == alone["accuracy"]
+    saved = pq.read_table(tmp_path / "eval" / "records" / "reward.parquet").to_pylist()
+    assert len(saved) == alone["pairs"] == len(records)
+    assert {(r["model"], r["reward_model"]) for r in saved} == {("ppo", str(run / "reward"))}
     with pytest.raises(EvalError, match="no reward model"):
         run_eval({"base": tiny_llama}, EvalConfig(suites=["reward"]), tmp_path / "none")
 
 
-@pytest.mark.slow
-def test_cli_runs_and_reports_bad_models(tmp_path, tiny_llama, capsys):
-    import argparse
+def test_outputs_are_relative_to_the_eval_folder(tmp_path, tiny_llama):
+    cfg = EvalConfig(suites=["chat"], device="cpu", chat={"prompts": ["Hi!", "Name a colour."], "max_new_tokens": 3})
+    result = run_eval({"a": tiny_llama, "b": tiny_llama}, cfg, tmp_path / "tmp-eval", seed=0)
+    (tmp_path / "tmp-eval").rename(tmp_path / "eval")  # as the pipeline moves its temporary folder
+    out = tmp_path / "eval"
+    saved = json.loads((out / "metrics.json").read_text())
+    outputs = saved["_meta"]["outputs"]
+    assert outputs == {"records": {"chat": "records/chat.parquet"}, "chat_markdown": "chat.md",
+                       "chat_jsonl": "chat.jsonl", "report": {"markdown": "report.md", "html": "report.html",
+                                                              "plots": []}}
+    assert saved["a"]["chat"] == result["b"]["chat"] and saved["a"]["chat"]["responses"] == 2  # one model, twice
+    rows = pq.read_table(out / outputs["records"]["chat"]).to_pylist()
+    assert [r["model"] for r in rows] == ["a", "a", "b", "b"]
+    assert saved["a"]["chat"]["mean_new_tokens"] == pytest.approx(sum(r["new_tokens"] for r in rows[:2]) / 2)
+    assert "[chat.md](chat.md)" in (out / outputs["report"]["markdown"]).read_text()
+    assert len((out / outputs["chat_jsonl"]).read_text().splitlines()) == 4
 
-    from hetray.eval.run import add_arguments, cli
 
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    args = p.parse_args(["--models", f"tiny={tiny_llama}", "--suites", "winogrande", "--out", str(tmp_path),
-                         "eval.winogrande.limit=2", "device=cpu"])
-    assert cli(args) == 0
-    assert json.loads((tmp_path / "metrics.json").read_text())["tiny"]["winogrande"]["items"] == 2
-    assert "winogrande" in capsys.readouterr().out
-    assert cli(p.parse_args(["--models", "x=/no/such/model", "--out", str(tmp_path)])) == 2
-    assert "model 'x'" in capsys.readouterr().err
-    assert cli(p.parse_args(["--models", f"t={tiny_llama}", "--suites", "nope", "--out", str(tmp_path)])) == 2
-    assert "suites" in capsys.readouterr().err
+def test_several_workers_need_a_running_ray(tmp_path, tiny_llama, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    cfg = EvalConfig(suites=["chat"], device="cpu", num_workers=2)
+    with pytest.raises(EvalError, match="eval.num_workers > 1 needs a running Ray"):
+        run_eval({"tiny": tiny_llama}, cfg, tmp_path / "eval")
+    assert not (tmp_path / "eval").exists()
+
+
+def test_cli_runs_and_reports_bad_input(tmp_path, tiny_llama, capsys):
+    from hetray.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["eval", "--models", f"tiny={tiny_llama}", "--suites", "chat", "--out", str(out),
+                 "eval.chat.max_new_tokens=2", "chat.prompts=[Hi!]", "device=cpu"]) == 0
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["tiny"]["chat"]["responses"] == 1 and saved["_meta"]["seed"] == 0
+    printed = capsys.readouterr().out
+    assert "tiny chat       responses 1" in printed
+    assert f"metrics: {out / 'metrics.json'}" in printed and f"report:  {out / 'report.md'}" in printed
+    assert main(["eval", "--models", "x=/no/such/model", "--out", str(tmp_path / "x")]) == 2
+    assert "model 'x' (/no/such/model)" in capsys.readouterr().err
+    assert main(["eval", "--models", f"t={tiny_llama}", "--suites", "nope", "--out", str(tmp_path / "y")]) == 2
+    assert "'eval.suites.0'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -9,11 +9,22 @@ from pathlib import Path
 import pytest
 
 from hetray.eval import winobias, winogender
-from hetray.eval.config import WinoBiasSettings, WinoGenderSettings
+from hetray.eval.config import EvalConfig, WinoBiasSettings
+from hetray.eval.suites import SUITES
 from hetray.eval.winobias import WinoBiasError, load_pairs, read_pairs
 from hetray.eval.winogender import WinoGenderError
+from hetray.models import resolve_sample
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "eval"
+from conftest import FIXTURES as ALL_FIXTURES
+
+FIXTURES = ALL_FIXTURES / "eval"
+
+
+def run_suite(name: str, scorer, cfg: EvalConfig) -> tuple[dict, dict, list[dict]]:
+    """A bias suite's own steps, as the runner takes them: (overall, by group, records)."""
+    suite = SUITES[name]
+    records = suite.score(scorer, suite.load(cfg, None), cfg)
+    return suite.aggregate(records), suite.by_group(records), records
 
 
 def write(folder: Path, name: str, lines: list[str]) -> Path:
@@ -82,7 +93,7 @@ def test_missing_folder_and_files(tmp_path):
 
 def test_hub_downloads_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HETRAY_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(winobias, "HUB_URL", (winobias.SAMPLES / "winobias").as_uri() + "/")
+    monkeypatch.setattr(winobias, "HUB_URL", Path(resolve_sample("sample:winobias")).as_uri() + "/")
     pairs = load_pairs(WinoBiasSettings(path="hub"))
     sample = load_pairs(WinoBiasSettings(path="sample:winobias"))
     assert [p["prompt_anti"] for p in pairs] == [p["prompt_anti"] for p in sample] and len(pairs) == 48
@@ -141,7 +152,10 @@ def test_winogender_bad_rows(tmp_path, rows, message):
 
 def test_winogender_needs_a_path():
     with pytest.raises(WinoGenderError, match="eval.winogender.path is not set"):
-        winogender.evaluate_winogender(None, WinoGenderSettings())
+        SUITES["winogender"].load(EvalConfig(suites=["winogender"]), None)
+    cfg = EvalConfig(winogender={"path": str(FIXTURES / "winogender_all_sentences.tsv"), "limit": 3})
+    assert [p["n"] for p in SUITES["winogender"].load(cfg, None)] == [
+        "plumber.homeowner.0", "plumber.homeowner.1", "librarian.someone.1"]
 
 
 # ---------------------------------------------------------------------------- models
@@ -177,16 +191,15 @@ def smollm2():
 
 @pytest.mark.slow
 def test_smollm2_on_real_winobias_dev(shared_data, smollm2):
-    settings = WinoBiasSettings(path=str(shared_data / "winobias"), limit=3)
-    out = winobias.evaluate_winobias(smollm2, settings, max_new_tokens=10)
-    o = out["overall"]
-    assert o["pairs"] == 6 and set(out["by_group"]) == {"type1/dev", "type2/dev"}
+    cfg = EvalConfig(winobias={"path": str(shared_data / "winobias"), "limit": 3}, max_new_tokens=10)
+    o, groups, records = run_suite("winobias", smollm2, cfg)
+    assert o["pairs"] == 6 and set(groups) == {"type1/dev", "type2/dev"}
     for key in ("accuracy", "accuracy_pro", "accuracy_anti", "similarity"):
         assert 0.0 <= o[key] <= 1.0
     assert o["accuracy"] == pytest.approx((o["accuracy_pro"] + o["accuracy_anti"]) / 2)
     assert 0 < o["bias"] < o["bias_cluster"] < 20  # the cluster sums more tokens
     assert abs(o["bias_signed"]) <= o["bias"] and 0 < o["bias_entropy"] < 5
-    for r in out["records"]:
+    for r in records:
         assert r["logp_cluster_pro"] < r["logp_noun_pro"] < 0 and r["cluster_tokens_pro"] >= 3
         assert r["correct_pro"] == winobias.metrics.names_referent(r["generation_pro"], r["referent_pro"])
 
@@ -194,7 +207,7 @@ def test_smollm2_on_real_winobias_dev(shared_data, smollm2):
     from hetray.eval.scoring import Scorer
 
     single = Scorer(smollm2.model, smollm2.tokenizer, batch_size=1)
-    pairs = out["records"][:2]
+    pairs = records[:2]
     again = winobias.score_pairs(single, pairs, ("pro", "anti"), 10, chunk_pairs=1)
     for a, b in zip(pairs, again):
         for key in ("logp_noun_pro", "logp_first_anti", "logp_cluster_pro", "logp_cluster_anti", "kl"):
@@ -204,12 +217,11 @@ def test_smollm2_on_real_winobias_dev(shared_data, smollm2):
 
 @pytest.mark.slow
 def test_smollm2_on_winogender_fixture(smollm2):
-    settings = WinoGenderSettings(path=str(FIXTURES / "winogender_all_sentences.tsv"), limit=3)
-    out = winogender.evaluate_winogender(smollm2, settings, max_new_tokens=5)
-    o = out["overall"]
-    assert o["pairs"] == 3 and set(out["by_group"]) == {"occupation", "participant"}
+    cfg = EvalConfig(winogender={"path": str(FIXTURES / "winogender_all_sentences.tsv"), "limit": 3}, max_new_tokens=5)
+    o, groups, records = run_suite("winogender", smollm2, cfg)
+    assert o["pairs"] == 3 and set(groups) == {"occupation", "participant"}
     assert 0 <= o["accuracy"] <= 1 and o["bias_entropy"] > 0 and not math.isnan(o["bias_cluster"])
-    assert {"logp_referent_male", "generation_female", "kl"} <= set(out["records"][0])
+    assert {"logp_referent_male", "generation_female", "kl"} <= set(records[0])
 
 
 @pytest.mark.slow
@@ -226,8 +238,8 @@ def test_lora_adapter_folder_is_merged(tmp_path, smollm2):
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == resolve_llm("smollm2-135m-instruct")
     merged = Scorer.load(str(tmp_path / "adapter"), device="cpu")
-    prompts = ['The nurse met the doctor because she was late. "she" refers to:']
-    want = Scorer(peft_model, smollm2.tokenizer).next_token_logprobs(prompts)
-    got = merged.next_token_logprobs(prompts)
+    prompts, answers = ['The nurse met the doctor because she was late. "she" refers to:'], [" the nurse"]
+    want = Scorer(peft_model, smollm2.tokenizer).score(prompts, answers)[1]
+    got = merged.score(prompts, answers)[1]
     assert torch.allclose(got, want, atol=1e-4)
-    assert not torch.allclose(got, smollm2.next_token_logprobs(prompts), atol=1e-3)  # the adapter did something
+    assert not torch.allclose(got, smollm2.score(prompts, answers)[1], atol=1e-3)  # the adapter did something

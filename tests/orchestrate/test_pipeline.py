@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from hetray.cli import main
 from hetray.config import JobConfig, load_config
-from hetray.orchestrate.pipeline import format_summary, plan_runs, run_pipeline, sync
+from hetray.orchestrate.pipeline import plan_runs, run_pipeline
+from hetray.orchestrate.run_report import format_run_report
+from hetray.orchestrate.sync import sync
+from hetray.stage import RunDirBusy
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
@@ -114,7 +122,52 @@ def test_grid_shares_stages_resumes_after_failure_and_skips_when_done(tmp_path, 
     metrics = json.loads((root / "eval" / "metrics.json").read_text())
     assert set(runs) <= set(metrics)
     assert (root / "report.md").read_text().count("| uni-0.6-") >= 2
-    assert "evaluation report" in format_summary(summary)
+    assert "evaluation report" in format_run_report(summary)
 
     again = run_pipeline(cfg)
     assert {s["status"] for s in again["steps"]} == {"skipped"}
+
+
+DATA_STAGES = ["convert", "embed", "cluster", "select"]
+
+
+def data_cfg(run_dir: Path) -> JobConfig:
+    return load_config(QUICKSTART, [f"run_dir={run_dir}", f"pipeline.stages=[{','.join(DATA_STAGES)}]"])
+
+
+@pytest.mark.slow
+def test_force_reruns_every_stage_and_a_moved_run_dir_is_up_to_date(tmp_path, ray_local):
+    first = run_pipeline(data_cfg(tmp_path / "a"))
+    assert [(s["stage"], s["status"]) for s in first["steps"]] == [(s, "ran") for s in DATA_STAGES]
+    selected = {p.name: p.read_bytes() for p in (tmp_path / "a" / "selected").glob("*.parquet")}
+
+    moved = tmp_path / "elsewhere" / "b"
+    moved.parent.mkdir()
+    shutil.move(str(tmp_path / "a"), str(moved))
+    again = run_pipeline(data_cfg(moved))
+    assert [(s["stage"], s["status"]) for s in again["steps"]] == [(s, "skipped") for s in DATA_STAGES]
+
+    forced = run_pipeline(data_cfg(moved), force=True)  # every stage, embed and cluster too
+    assert [(s["stage"], s["status"]) for s in forced["steps"]] == [(s, "ran") for s in DATA_STAGES]
+    assert {p.name: p.read_bytes() for p in (moved / "selected").glob("*.parquet")} == selected
+
+
+def test_a_second_run_on_the_same_run_dir_fails_at_once(tmp_path, ray_local, capsys):
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time\nfrom hetray.stage import locked\n"
+        f"with locked({str(run_dir)!r}):\n    print('locked', flush=True)\n    time.sleep(60)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        started = time.time()
+        with pytest.raises(RunDirBusy, match=f"pid {holder.pid}"):
+            run_pipeline(data_cfg(run_dir))
+        assert main(["run", str(QUICKSTART), f"run_dir={run_dir}"]) == 2
+        assert time.time() - started < 10
+        err = capsys.readouterr().err
+        assert f"is being written by another hetray process (pid {holder.pid}" in err
+        assert not (run_dir / "preferences").exists()
+    finally:
+        holder.kill()
+        holder.wait()

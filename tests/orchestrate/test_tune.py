@@ -12,16 +12,24 @@ from __future__ import annotations
 import json
 import math
 import random
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from hetray.config import ConfigError, JobConfig
+from hetray.orchestrate.tune import cli, eval_metric, heldout_sample, needs_sft, plan_tune, run_tune, write_pairs
+from hetray.orchestrate.tune_report import best_row, format_table, write_outputs
+from hetray.pairs import held_out
 from hetray.schema import PREFERENCE_SCHEMA, make_id
-from hetray.orchestrate.tune import _write_pairs, best_row, eval_metric, heldout_sample, is_held_out, needs_sft, plan_tune, run_tune
+from hetray.stage import read_manifest
 
 TOPICS = ["bake bread", "learn Python", "fix a flat tyre", "save money", "sleep better", "start running",
           "write a CV", "grow tomatoes", "learn chess", "clean a laptop", "cook rice", "study for exams",
@@ -142,23 +150,38 @@ def test_heldout_sample_and_training_pairs(tmp_path):
     pairs = synthetic_pairs()
     pq.write_table(pa.Table.from_pylist(pairs, schema=PREFERENCE_SCHEMA), tmp_path / "preferences" / "p.parquet")
     (tmp_path / "preferences" / "manifest.json").write_text(json.dumps({"key": "x"}))
-    held = {p["prompt"] for p, h in zip(pairs, is_held_out([p["prompt"] for p in pairs], 0.3, 1)) if h}
+    held = {p["prompt"] for p in pairs if held_out(p["prompt"], 0.3, 1)}
     assert 0 < len(held) < 40
 
     n = heldout_sample(cfg, tmp_path / "heldout", 5, 0.3, 1)
     sample = pq.read_table(tmp_path / "heldout" / "heldout.parquet").to_pylist()
     assert n == len(sample) == 5 and {r["prompt"] for r in sample} <= held
+    manifest = read_manifest(tmp_path / "heldout")
+    assert manifest["stage"] == "tune-heldout" and manifest["pairs"] == 5 and manifest["config"]["size"] == 5
+    files = snapshot(tmp_path / "heldout")
     assert heldout_sample(cfg, tmp_path / "heldout", 5, 0.3, 1) == 5  # up to date: skipped
+    assert snapshot(tmp_path / "heldout") == files
     assert pq.read_table(tmp_path / "heldout" / "heldout.parquet").to_pylist() == sample
     everything = heldout_sample(cfg, tmp_path / "all", 1000, 0.3, 1)
     assert everything == sum(p["prompt"] in held for p in pairs)
+    assert not list(tmp_path.glob(".stage-*"))  # the runner's temporary folders are gone
 
     train_cfg = cfg.model_copy(deep=True)
     train_cfg.train.reward.seed = 1
-    rows = _write_pairs(tmp_path / "data", [tmp_path / "preferences"], tmp_path / "heldout", train_cfg, "t")
+    rows = write_pairs(tmp_path / "data", [tmp_path / "preferences"], tmp_path / "heldout", train_cfg)
     written = pq.read_table(tmp_path / "data" / "part-00000.parquet").to_pylist()
     assert rows == len(written) == len(pairs) - everything and not {r["prompt"] for r in written} & held
     assert pq.read_table(tmp_path / "data" / "heldout.parquet").to_pylist() == sample
+    assert read_manifest(tmp_path / "data")["pairs"] == rows
+
+    # a run that fails half-way leaves the previous pairs and manifest as they were
+    before, key = snapshot(tmp_path / "data"), read_manifest(tmp_path / "data")["key"]
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "part-0.parquet").write_text("not parquet")
+    with pytest.raises(Exception):
+        write_pairs(tmp_path / "data", [tmp_path / "preferences", tmp_path / "broken"], tmp_path / "heldout", train_cfg)
+    assert snapshot(tmp_path / "data") == before and read_manifest(tmp_path / "data")["key"] == key
+    assert not list(tmp_path.glob(".stage-*"))
 
 
 def test_sft_only_when_something_needs_it(tmp_path):
@@ -193,6 +216,71 @@ def test_best_row_prefers_completed_trials():
     assert best_row(rows, "max")["objective"] == 0.7
     assert best_row(rows, "min")["objective"] == 0.6
     assert best_row([{"objective": 0.4, "status": "stopped"}], "max")["objective"] == 0.4
+
+
+def fake_result(trial, k, fraction, value, rounds, error=None):
+    """What ``trial_rows`` reads of one Ray Tune result."""
+    metrics = {"trial": trial, "round": rounds, "reward_accuracy": value, "reward_steps": rounds, "pairs_selected": 30,
+               "train_pairs": 20, "eval_pairs": 12, "time_total_s": 12.345} if value is not None else {}
+    return SimpleNamespace(metrics=metrics, config={"n_clusters": k, "fraction": fraction, "variant": "", "repeat": 0},
+                           error=error, path=f"/ray/{trial}")
+
+
+def test_outputs_from_a_result_grid(tmp_path):
+    cfg = job(tmp_path, "unused")
+    plan = {"out": str(tmp_path), "budgets": [1, 2], "concurrent": 2}
+    results = [fake_result("k3-f0.5", 3, 0.5, 0.75, 2), fake_result("k2-f1", 2, 1.0, 0.9, 1),
+               fake_result("k2-f0.5", 2, 0.5, 0.5, 2), fake_result("k3-f1", 3, 1.0, None, 0, RuntimeError("boom\nOOM"))]
+    best = write_outputs(cfg, plan, results, started=0.0)
+
+    table = pd.read_csv(tmp_path / "trials.csv")
+    assert list(table["trial"]) == ["k2-f0.5", "k2-f1", "k3-f0.5", "k3-f1"]  # in settings order
+    assert list(table["status"]) == ["completed", "stopped", "completed", "error"]
+    assert table.loc[3, "error"] == "OOM" and math.isnan(table.loc[3, "objective"])
+    assert list(table["wall_time_s"][:3]) == [12.3, 12.3, 12.3] and (table["seed"] == 1).all()
+    assert json.loads((tmp_path / "trials.json").read_text())[0]["objective"] == 0.5
+    # the stopped trial's 0.9 is a smaller budget's: the best completed one wins
+    assert best == json.loads((tmp_path / "best.json").read_text())
+    assert best["objective"] == 0.75 and best["trial"] == "k3-f0.5" and best["settings"] == {"n_clusters": 3, "fraction": 0.5}
+    assert best["overrides"] == ["cluster.n_clusters=3", "select.fraction=0.5"]
+    assert (best["trials"], best["completed"], best["stopped_early"], best["errors"]) == (4, 2, 1, 1)
+    assert best["reward_budgets"] == [1, 2] and best["max_concurrent_trials"] == 2
+    assert (tmp_path / "objective.png").stat().st_size > 5000
+
+    lines = format_table(json.loads((tmp_path / "trials.json").read_text())).splitlines()
+    assert lines[0].split() == ["trial", "objective", "reward_accuracy", "status", "rounds_done", "pairs_selected", "wall_time_s"]
+    assert lines[3].split() == ["k3-f0.5", "0.7500", "0.7500", "completed", "2", "30", "12.3000"]
+    assert lines[4].split() == ["k3-f1", "error", "0"]
+
+    with pytest.raises(RuntimeError, match="no trial gave an objective"):
+        write_outputs(cfg, plan, results[3:], started=0.0)
+
+
+def test_cli_errors_go_to_stderr(tmp_path, capsys, ray_local):
+    args = SimpleNamespace(config=str(tmp_path / "missing.yaml"), overrides=[])
+    assert cli(args) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "hetray tune: error: config file" in err and "missing.yaml" in err
+
+    # another process writes the job's run dir: refused before any work, naming the holder
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(job(tmp_path / "run", "unused").model_dump(mode="json")))
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from hetray.stage import locked
+        with locked({str(tmp_path / "run")!r}):
+            print("locked", flush=True)
+            time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert cli(SimpleNamespace(config=str(config), overrides=["tune.fraction=[0.5]"])) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    out, err = capsys.readouterr()
+    assert out == "" and f"is being written by another hetray process (pid {holder.pid}" in err
+    assert not (tmp_path / "run" / "tune").exists()
 
 
 @pytest.mark.parametrize("tune, message", [

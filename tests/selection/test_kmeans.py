@@ -69,6 +69,17 @@ def test_same_seed_same_centroids(ray_local):
     assert a.inertias == b.inertias and a.n_iters == b.n_iters
 
 
+def test_ray_data_context_is_unchanged_after_kmeans(ray_local):
+    options = ray_local.data.DataContext.get_current().execution_options
+    assert options.preserve_order is False  # Ray's default
+    x = blobs(n=600, d=8, centers=3, seed=1)
+    fit_kmeans(ray_local.data.from_numpy([x[:300], x[300:]]), 3, n_init=2, column="data")
+    assert ray_local.data.DataContext.get_current().execution_options.preserve_order is False
+    with pytest.raises(ValueError):  # also when k-means fails
+        fit_kmeans(ray_local.data.from_numpy(x[:2]), 3, column="data")
+    assert ray_local.data.DataContext.get_current().execution_options.preserve_order is False
+
+
 def test_sample_is_independent_of_block_layout(ray_local):
     x = blobs(n=1500, d=16)
     one = fit_kmeans(ray_local.data.from_numpy(x), 5, n_init=2, sample_size=200, column="data", max_iter=1)

@@ -9,8 +9,10 @@ import pytest
 from hetray.config import ConfigError, JobConfig, load_config
 from hetray.unify.convert import run_convert
 from hetray.schema import PREFERENCE_SCHEMA
-from hetray.selection.select import run_select
 from hetray.schema import parquet_files
+from hetray.selection.clustering import run_cluster
+from hetray.selection.embed import run_embed
+from hetray.selection.select import run_select
 
 from conftest import FIXTURES
 
@@ -44,6 +46,8 @@ def table(folder):
 def converted(tmp_path_factory, ray_local):
     run = tmp_path_factory.mktemp("select") / "run"
     run_convert(cfg(run))
+    run_embed(cfg(run))
+    run_cluster(cfg(run))
     return run
 
 
@@ -103,7 +107,11 @@ def test_fraction_one_returns_everything(converted):
 
 def test_bad_inputs_fail_clearly(converted, tmp_path):
     with pytest.raises(ValueError, match="n_clusters=1000"):
-        run_select(cfg(converted).model_copy(update={"cluster": cfg(converted).cluster.model_copy(update={"n_clusters": 1000})}))
+        run_cluster(cfg(converted).model_copy(update={"cluster": cfg(converted).cluster.model_copy(update={"n_clusters": 1000})}))
+    no_clusters = tmp_path / "no_clusters"
+    shutil.copytree(converted / "preferences", no_clusters / "preferences")
+    with pytest.raises(FileNotFoundError, match="run `hetray embed` and `hetray cluster` first"):
+        run_select(cfg(no_clusters))  # a stage never runs another stage
     empty = tmp_path / "empty"
     (empty / "preferences").mkdir(parents=True)
     pq.write_table(PREFERENCE_SCHEMA.empty_table(), empty / "preferences" / "part-empty.parquet")
