@@ -76,14 +76,13 @@ from pathlib import Path
 
 from hetray.eval import metrics
 from hetray.eval.suite import Suite
+from hetray.formats import parse_winobias_line
 from hetray.models import resolve_sample
 
 HUB_URL = "https://raw.githubusercontent.com/uclanlp/corefBias/master/WinoBias/wino/data/"
 PROMPT = '{sentence} "{pronoun}" refers to: '
 SIDES = ("pro", "anti")
 _BRACKET = re.compile(r"\[[^\[\]]*\]")
-_NUMBERED = re.compile(r"^\s*(\d+)(?:\s+(.*))?$")
-_CLUSTER = re.compile(r"\[([^\[\]]*)\]")
 
 
 class WinoBiasError(ValueError):
@@ -157,23 +156,10 @@ def read_lines(path: Path) -> list[tuple[int, str]]:
     return [(k, line.strip()) for k, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
-def parse_line(text: str) -> tuple[int | None, str, list[str]]:
-    """``"<n> <sentence>"`` -> ``(n or None, sentence without brackets, bracket contents)``, with
-    whitespace collapsed; ValueError on brackets that do not pair up. (The convert stage's
-    WinoBias reader parses lines the same way; the evaluation keeps its own copy.)"""
-    m = _NUMBERED.match(text)
-    n, sentence = (int(m.group(1)), m.group(2) or "") if m else (None, text)
-    clusters = [c.strip() for c in _CLUSTER.findall(sentence)]
-    rest = _CLUSTER.sub(lambda c: c.group(1), sentence)
-    if "[" in rest or "]" in rest:
-        raise ValueError(f"unbalanced brackets in {text!r}")
-    return n, " ".join(rest.split()), clusters
-
-
 def parse(path: Path, lineno: int, text: str) -> dict:
     where = f"{path}:{lineno}"
     try:
-        n, sentence, clusters = parse_line(text)
+        n, sentence, clusters = parse_winobias_line(text)
     except ValueError as e:
         raise WinoBiasError(f"{where}: {e}") from e
     if not clusters:

@@ -16,7 +16,7 @@ import pytest
 from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 
-from hetray import stage as mf
+from hetray.stage import fingerprint
 from hetray.selection.clustering import run_cluster
 from hetray.config import JobConfig
 from hetray.selection.kmeans import assign, fit_kmeans, kmeans_inertia, lloyd_batch, sample_batch
@@ -190,8 +190,9 @@ def test_run_cluster_writes_outputs_and_skips_rerun(tmp_path, ray_local, monkeyp
     assert stored["key"] == m["key"] and stored["rows"] == 1000 and sum(stored["sizes"]) == 1000
     assert len(stored["inertias"]) == 3 and stored["config"]["cluster"]["n_clusters"] == 4
     assert stored["inertia"] == pytest.approx(kmeans_inertia(x, cents), rel=1e-4)
-    assert stored["inputs"][0]["embeddings"] == mf.fingerprint_dir(tmp_path / "embeddings")
-    assert not list(tmp_path.glob(".cluster-tmp-*"))
+    assert stored["inputs"][0] == fingerprint(tmp_path / "embeddings", tmp_path)
+    assert stored["inputs"][0]["folder"] == "embeddings"  # no manifest there: its files, by name and content
+    assert not list(tmp_path.glob(".stage-*"))
 
     import hetray.selection.clustering as stage
 

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from hetray.formats import parse_winobias_line
 from hetray.schema import make_id
 from hetray.unify.sources import generic, hh, winobias, winogender
 from hetray.unify.sources.base import account, convert_rows
@@ -87,17 +88,17 @@ def test_hh_fixture():
 # --- WinoBias ------------------------------------------------------------------------------
 
 
-def test_winobias_parse_line():
-    assert winobias.parse_line("7 [The developer] argued with the designer because [she] left.") == (
+def test_parse_winobias_line():
+    assert parse_winobias_line("7 [The developer] argued with the designer because [she] left.") == (
         7, "The developer argued with the designer because she left.", ["The developer", "she"],
     )
-    assert winobias.parse_line("The teacher asked the [ physician] about [her] car.") == (
+    assert parse_winobias_line("The teacher asked the [ physician] about [her] car.") == (
         None, "The teacher asked the physician about her car.", ["physician", "her"],
     )
-    assert winobias.parse_line("12 He met [the librarian] 's friend.")[1] == "He met the librarian 's friend."
-    assert winobias.parse_line("3 No cluster here.") == (3, "No cluster here.", [])
+    assert parse_winobias_line("12 He met [the librarian] 's friend.")[1] == "He met the librarian 's friend."
+    assert parse_winobias_line("3 No cluster here.") == (3, "No cluster here.", [])
     with pytest.raises(ValueError):
-        winobias.parse_line("4 [The cook [he] left.")
+        parse_winobias_line("4 [The cook [he] left.")
 
 
 def test_split_common_prefix():

@@ -27,13 +27,12 @@ import os
 import re
 from typing import Literal
 
+from hetray.formats import parse_winobias_line
 from hetray.schema import item, pair, reject
 from hetray.unify.sources.base import SourceSettings
 from hetray.unify.sources.readers import InputError
 
 FILE_NAME = re.compile(r"^(pro|anti)_stereotyped_type(\d+)\.txt\.(\w+)$")
-_NUMBERED = re.compile(r"^\s*(\d+)(?:\s+(.*))?$")
-_CLUSTER = re.compile(r"\[([^\[\]]*)\]")
 
 
 class Settings(SourceSettings):
@@ -54,22 +53,6 @@ def check_files(files: list[str]) -> None:
                 f"{f}: not a WinoBias file name; expected "
                 "'{pro|anti}_stereotyped_type<N>.txt.<split>', e.g. 'pro_stereotyped_type1.txt.dev'"
             )
-
-
-def parse_line(text: str) -> tuple[int | None, str, list[str]]:
-    """``"<n> <sentence>"`` -> ``(n, sentence without brackets, clusters)``.
-
-    ``n`` is None when the line has no leading number. ``clusters`` are the bracket contents in
-    order (stripped). Whitespace is collapsed to single spaces. Raises ValueError on brackets
-    that do not pair up.
-    """
-    m = _NUMBERED.match(text)
-    n, sentence = (int(m.group(1)), m.group(2) or "") if m else (None, text)
-    clusters = [c.strip() for c in _CLUSTER.findall(sentence)]
-    rest = _CLUSTER.sub(lambda c: c.group(1), sentence)
-    if "[" in rest or "]" in rest:
-        raise ValueError(f"unbalanced brackets in {text!r}")
-    return n, " ".join(rest.split()), clusters
 
 
 def split_common_prefix(a: str, b: str) -> tuple[str, str, str]:
@@ -101,7 +84,7 @@ def parse(row: dict, s: Settings) -> list[dict]:
         return no("bad_file_name", f"file name {os.path.basename(file)!r} is not a WinoBias file name")
     role, typ, split = info
     try:
-        n, sentence, clusters = parse_line(row.get("text") or "")
+        n, sentence, clusters = parse_winobias_line(row.get("text") or "")
     except ValueError as e:
         return no("unbalanced_brackets", str(e))
     if not clusters:
