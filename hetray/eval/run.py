@@ -37,6 +37,7 @@ from hetray.models import check_model
 
 log = logging.getLogger(__name__)
 
+
 def run_eval(models: dict[str, str], eval_cfg: EvalConfig, out_dir, seed: int = 0,
              reward_model: str | None = None, extra: dict[str, dict] | None = None) -> dict:
     """Evaluate ``{name: model}`` on ``eval_cfg.suites``; write metrics, records and the report.
