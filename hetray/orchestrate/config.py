@@ -27,6 +27,10 @@ class RunSpec(Strict):
     train: list[TrainStage] | None = Field(
         default=None, description="training stages, in order (None: the pipeline's; []: the base model)"
     )
+    seed: int | None = Field(
+        default=None, description="this run's seed (training, selection ties; None: the job's): runs that "
+        "differ only in seed are repeats of one arm, each in its own folder (<selection>-s<seed>)"
+    )
 
 
 class PipelineConfig(Strict):

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hetray.config import JobConfig
+from hetray.orchestrate.preflight import check_no_contamination
 from hetray.orchestrate.ray_init import init_ray
 from hetray.orchestrate.run_report import Step, format_steps, run_row, write_run_report
 from hetray.orchestrate.sync import sync
@@ -49,6 +50,7 @@ class Run:
     fraction: float | None = None
     n_clusters: int | None = None
     folder: str | None = None  # the selection folder (None: no selection, the base model)
+    seed: int | None = None  # None: the job's
 
     @property
     def final_stage(self) -> str | None:
@@ -104,8 +106,8 @@ def plan_runs(cfg: JobConfig) -> list[Run]:
         fraction = spec.fraction if spec.fraction is not None else cfg.select.fraction
         folder = None
         if train or "select" in cfg.pipeline.stages and spec.train is None:
-            folder = f"runs/{selection_name(spec.sources, k, fraction)}"
-        runs.append(Run(spec.name, train, spec.sources, fraction, k, folder))
+            folder = f"runs/{selection_name(spec.sources, k, fraction)}" + (f"-s{spec.seed}" if spec.seed is not None else "")
+        runs.append(Run(spec.name, train, spec.sources, fraction, k, folder, spec.seed))
     names = [r.name for r in runs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -116,6 +118,7 @@ def plan_runs(cfg: JobConfig) -> list[Run]:
 def run_pipeline(cfg: JobConfig, force: bool = False) -> dict:
     """Run the job's stages; returns the summary (also in ``run_dir/summary.json``)."""
     runs = plan_runs(cfg)
+    check_no_contamination(cfg, runs)  # before any work: a job never evaluates on what it trained on
     init_ray(cfg.ray)
     with locked(cfg.run_dir):  # a second `hetray run` on this run_dir fails here, at once
         return _run(cfg, runs, force)
@@ -148,7 +151,8 @@ def _run(cfg: JobConfig, runs: list[Run], force: bool) -> dict:
             continue
         if run.folder not in folders:
             sub = cfg if run.folder == "." else derive(
-                cfg, root / run.folder, clusters[run.n_clusters], fraction=run.fraction, sources=run.sources)
+                cfg, root / run.folder, clusters[run.n_clusters], fraction=run.fraction, sources=run.sources,
+                changes={"seed": run.seed} if run.seed is not None else None)
             folders[run.folder] = (sub, [])
         folders[run.folder][1].append(run)
 
@@ -199,6 +203,7 @@ def final_models(cfg: JobConfig, runs: list[Run], resolve: bool = True) -> tuple
         info[r.name] = {
             "fraction": r.fraction if r.folder and stage else None,
             "rlhf": r.rlhf, "stage": stage or "base", "sources": r.sources, "n_clusters": r.n_clusters,
+            "seed": r.seed,
         }
     return models, info
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from hetray.models import DEFAULT_LLM
 from hetray.settings import Strict
@@ -53,7 +53,13 @@ class _Optimisation(Strict):
     per_device_batch_size: int = Field(default=4, ge=1, description="examples per worker per micro-step")
     gradient_accumulation_steps: int = Field(default=1, ge=1, description="micro-steps per optimizer step")
     max_length: int = Field(default=512, ge=8, description="tokens per sequence (prompt + answer)")
-    max_steps: int = Field(default=5000, ge=1, description="optimizer steps (paper: at most 5000)")
+    max_steps: int | None = Field(
+        default=5000, ge=1, description="optimizer steps (paper: at most 5000); None: num_train_epochs decides"
+    )
+    num_train_epochs: float | None = Field(
+        default=None, gt=0,
+        description="passes over the training rows (fractions allowed); with max_steps too, the smaller budget wins",
+    )
     save_steps: int = Field(default=500, ge=1, description="checkpoint (and report to Ray) every N steps")
     logging_steps: int = Field(default=10, ge=1, description="log (and report to Ray) every N steps")
     gradient_checkpointing: bool = Field(default=False, description="recompute activations: less memory, ~20% slower")
@@ -61,6 +67,12 @@ class _Optimisation(Strict):
         default="auto", description="auto: bf16 on GPUs that support it, else fp32"
     )
     seed: int | None = Field(default=None, description="None: the job's seed")
+
+    @model_validator(mode="after")
+    def _a_budget(self):
+        if self.max_steps is None and self.num_train_epochs is None:
+            raise ValueError("set max_steps or num_train_epochs (or both: the smaller budget wins)")
+        return self
 
 
 class SftSettings(_Optimisation):
@@ -73,9 +85,20 @@ class SftSettings(_Optimisation):
     per_device_batch_size: int = Field(default=4, ge=1, description="paper: 4")
     max_length: int = Field(default=512, ge=8, description="paper: 512")
     include_sft_only: bool = Field(default=True, description="also train on the sft_only/ rows")
-    chat_template: bool = Field(
-        default=True, description="format rows as chat turns when the tokenizer has a chat template"
+    loss: Literal["completion", "full"] = Field(
+        default="completion", description="completion: loss on the answer only; full: on prompt + answer too"
     )
+    packing: bool = Field(
+        default=False,
+        description="pack rows into max_length sequences (TRL's packing; padding-free, best with flash attention)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_chat_template(cls, data):
+        if isinstance(data, dict) and "chat_template" in data:
+            raise ValueError("chat_template was replaced by train.text_format (chat | raw), which every stage uses")
+        return data
 
 
 class RewardSettings(_Optimisation):
@@ -104,7 +127,15 @@ class PpoSettings(_Optimisation):
     num_mini_batches: int = Field(default=1, ge=1, description="mini-batches per rollout")
     min_new_tokens: int = Field(default=32, ge=0, description="shortest generation (paper: 32)")
     max_new_tokens: int = Field(default=128, ge=1, description="longest generation (paper: 128)")
-    kl_coef: float = Field(default=0.05, ge=0, description="KL penalty against the SFT model")
+    kl_coef: float = Field(
+        default=0.05, ge=0, description="KL penalty against the SFT model (the initial one when kl_target is set)"
+    )
+    kl_target: float | None = Field(
+        default=None, gt=0,
+        description="adaptive KL (Ziegler et al. 2019): steer the rollout KL to this; None: fixed kl_coef "
+                    "(StackLLaMA: kl_coef 0.2, kl_target 6)",
+    )
+    kl_horizon: float = Field(default=10000, gt=0, description="adaptive KL: episodes to close the gap (old TRL: 10000)")
     temperature: float = Field(default=0.7, gt=0, description="sampling temperature of rollouts")
 
 
@@ -132,9 +163,25 @@ class TrainConfig(Strict):
     data: Literal["selected", "preferences"] = Field(
         default="selected", description="folder of pairs to train on; selected/ falls back to preferences/"
     )
+    text_format: Literal["chat", "raw"] = Field(
+        default="chat",
+        description="chat: the model's chat template when it has one (else raw); raw: plain text (every stage)",
+    )
+    raw_template: str = Field(
+        default="{prompt}",
+        description="raw text: the prompt as the model reads it ({prompt} is replaced); the answer follows after "
+                    "one space (e.g. 'Question: {prompt}\\nAnswer:')",
+    )
     resources: ResourceSettings = Field(default_factory=ResourceSettings)
     sft: SftSettings = Field(default_factory=SftSettings)
     reward: RewardSettings = Field(default_factory=RewardSettings)
     ppo: PpoSettings = Field(default_factory=PpoSettings)
     rloo: RlooSettings = Field(default_factory=RlooSettings)
     dpo: DpoSettings = Field(default_factory=DpoSettings)
+
+    @field_validator("raw_template")
+    @classmethod
+    def _has_prompt(cls, v: str) -> str:
+        if "{prompt}" not in v:
+            raise ValueError(f"raw_template {v!r} has no {{prompt}}: where does the prompt go?")
+        return v

@@ -54,6 +54,8 @@ class StageJob:
     use_gpu: bool
     deepspeed: str | None
     extra: dict = field(default_factory=dict)  # stage-specific: sft_only dir, reward model, ...
+    text_format: str = "chat"  # train.text_format: chat | raw (hetray.pairs.text_format)
+    raw_template: str = "{prompt}"  # train.raw_template
 
 
 def pairs_dir(cfg) -> str:
@@ -134,6 +136,7 @@ def training_stage(cfg, stage: str, settings, upstream: tuple[str, ...] = (),
             raise TrainSetupError(f"{run_dir / up} has no trained model: run `hetray train {up}` first")
     r = cfg.train.resources
     config = {"model": cfg.train.model, "settings": settings.model_dump(mode="json"),
+              "text": {"format": cfg.train.text_format, "raw_template": cfg.train.raw_template},
               "seed": settings.seed if settings.seed is not None else cfg.seed, "data": data,
               "num_workers": r.num_workers, "deepspeed": r.deepspeed, "use_gpu": _use_gpu(r.use_gpu)}
     return Stage(f"train-{stage}", run_dir, outputs=(stage,), config=config,
@@ -159,7 +162,8 @@ def train_stage(cfg, stage: str, settings, model: str, head: str, build_trainer:
             stage=stage, settings=settings, model=model, head=head, data_dir=str((run_dir / data).resolve()),
             work_dir=str(run_dir / f".{stage}-work"), out_dir=str(tmp / stage), seed=spec.config["seed"],
             use_gpu=spec.config["use_gpu"],
-            deepspeed=str(Path(r.deepspeed).resolve()) if r.deepspeed else None, extra=extra or {})
+            deepspeed=str(Path(r.deepspeed).resolve()) if r.deepspeed else None, extra=extra or {},
+            text_format=cfg.train.text_format, raw_template=cfg.train.raw_template)
         validate(cfg, job)
         ray_run = _fit(cfg, job, spec.key(), build_trainer, force, worker_fns)
         metrics = json.loads((tmp / stage / "metrics.json").read_text())
@@ -169,7 +173,9 @@ def train_stage(cfg, stage: str, settings, model: str, head: str, build_trainer:
         shutil.rmtree(job.work_dir, ignore_errors=True)
         shutil.rmtree(ray_run, ignore_errors=True)
         log.info("train %s: %d steps", stage, metrics["global_step"])
+        budget = metrics.get("budget") or {}
         return {"model_in": model, "data": data, "rows": metrics.get("rows"), "global_step": metrics["global_step"],
+                "max_steps": budget.get("max_steps"), "epochs_seen": budget.get("epochs_seen"), "budget": budget,
                 "resumed_from_step": metrics.get("resumed_from_step"), "final": metrics.get("final", {}),
                 "outputs": {"adapter": "adapter", "merged": STAGE_MODEL_DIR, "metrics": "metrics.json",
                             "plot": "loss.png"}}

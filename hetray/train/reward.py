@@ -5,15 +5,17 @@ bare LLM) with a fresh score head, trains LoRA (and the head) with TRL's RewardT
 ``(prompt, chosen, rejected)``: the loss is -log sigmoid(r(chosen) - r(rejected)). A seeded
 ``eval_fraction`` of the prompts (with all their pairs) is held out; the pairwise accuracy on it (how often the chosen
 answer scores higher) is in ``metrics.json`` and the manifest (``final.eval_accuracy``): the
-cheap objective Ray Tune searches selection settings against.
+cheap objective Ray Tune searches selection settings against. The pairs are in
+``train.text_format``'s text, as SFT and PPO read it. An epoch is a pass over the training
+pairs (the paper trained the reward model for one: ``num_train_epochs: 1``).
 """
 
 from __future__ import annotations
 
 from hetray.models import SEQ_CLS, load_model, load_tokenizer
-from hetray.pairs import split_pairs, uses_chat
+from hetray.pairs import split_pairs, text_format
 from hetray.train.driver import StageJob, start_model, train_stage
-from hetray.train.worker import lora_config, training_args
+from hetray.train.worker import lora_config, set_budget, training_args, world_size
 
 
 def run_reward(cfg, force: bool = False) -> dict:
@@ -31,14 +33,15 @@ def build_trainer(job: StageJob):
 
     s = job.settings
     tokenizer = load_tokenizer(job.model)
-    train, test = split_pairs(job.data_dir, s.eval_fraction, job.seed, uses_chat(tokenizer))
+    train, test = split_pairs(job.data_dir, s.eval_fraction, job.seed,
+                              text_format(tokenizer, job.text_format, job.raw_template))
     if not train:
         raise ValueError(f"train.reward.eval_fraction={s.eval_fraction} leaves no pairs to train on")
     set_seed(job.seed)  # the fresh score head is random
-    eval_batch = max(1, -(-len(test) // _world_size()))  # one eval batch per worker
+    eval_batch = max(1, -(-len(test) // world_size()))  # one eval batch per worker
     args = RewardConfig(**{**training_args(job), "per_device_eval_batch_size": eval_batch},
                         max_length=s.max_length)
-    return RewardTrainer(
+    trainer = RewardTrainer(
         model=load_model(job.model, SEQ_CLS),
         args=args,
         train_dataset=Dataset.from_list(train),
@@ -46,6 +49,7 @@ def build_trainer(job: StageJob):
         processing_class=tokenizer,
         peft_config=lora_config(s.lora, SEQ_CLS),
     )
+    return set_budget(trainer, job, rows=len(trainer.train_dataset))  # after RewardTrainer drops pairs > max_length
 
 
 def evaluate(trainer, job: StageJob) -> dict:
@@ -55,9 +59,3 @@ def evaluate(trainer, job: StageJob) -> dict:
     metrics = trainer.evaluate()
     return {"eval_accuracy": metrics["eval_accuracy"], "eval_loss": metrics["eval_loss"],
             "eval_margin": metrics.get("eval_margin"), "eval_pairs": len(trainer.eval_dataset)}
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_initialized() else 1

@@ -5,7 +5,11 @@ its prompt). A maintained alternative to PPO with no value model.
 ``run_rloo(cfg)`` samples ``num_generations`` completions per prompt of the pairs
 (``min_new_tokens``..``max_new_tokens`` tokens), scores them with the reward stage's merged
 model (``reward_funcs`` = its path) and trains LoRA on the policy; the KL reference is the SFT
-model (a frozen copy of the adapter). Outputs in ``<run_dir>/rloo/`` as every training stage.
+model (a frozen copy of the adapter). Prompts are in ``train.text_format``'s text, as SFT
+and the reward model read it. An epoch is one pass over the prompts, i.e.
+``prompts x num_generations`` completions; a step consumes ``per_device_batch_size x
+gradient_accumulation_steps x workers`` completions. Outputs in ``<run_dir>/rloo/`` as every
+training stage.
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from hetray.models import CAUSAL, load_model, load_tokenizer
-from hetray.pairs import prompt_rows, uses_chat
+from hetray.pairs import prompt_rows, text_format
 from hetray.train.driver import STAGE_MODEL_DIR, StageJob, train_stage
-from hetray.train.worker import lora_config, short_prompts, training_args
+from hetray.train.worker import lora_config, set_budget, short_prompts, training_args
 
 
 def run_rloo(cfg, force: bool = False) -> dict:
@@ -35,7 +39,8 @@ def build_trainer(job: StageJob):
 
     s = job.settings
     tokenizer = load_tokenizer(job.model)
-    rows = short_prompts(prompt_rows(job.data_dir, uses_chat(tokenizer)), tokenizer, s.max_length)
+    fmt = text_format(tokenizer, job.text_format, job.raw_template)
+    rows = short_prompts(prompt_rows(job.data_dir, fmt), tokenizer, s.max_length)
     args = RLOOConfig(
         **training_args(job),
         num_generations=s.num_generations,
@@ -44,7 +49,7 @@ def build_trainer(job: StageJob):
         temperature=s.temperature,
         beta=s.beta,
     )
-    return RLOOTrainer(
+    trainer = RLOOTrainer(
         model=load_model(job.model, CAUSAL),
         reward_funcs=job.extra["reward_model"],
         args=args,
@@ -52,3 +57,4 @@ def build_trainer(job: StageJob):
         processing_class=tokenizer,
         peft_config=lora_config(s.lora, CAUSAL),
     )
+    return set_budget(trainer, job, rows=len(rows) * s.num_generations)  # an epoch: every prompt's group

@@ -1,7 +1,8 @@
 """What runs in each Ray Train worker: build the TRL trainer, train (or resume), save.
 
 ``train_loop`` is the ``TorchTrainer``'s loop. It builds the stage's TRL trainer
-(``build_trainer(job)`` of the stage module), adds ``RayReport`` (metrics -> ``ray.train.report``
+(``build_trainer(job)`` of the stage module, which fixes its step budget with ``set_budget``:
+``max_steps`` or ``num_train_epochs``, the smaller wins), adds ``RayReport`` (metrics -> ``ray.train.report``
 on every log, the HF checkpoint -> a Ray ``Checkpoint`` on every save) and, when Ray restarted
 it after a failure, resumes the HF trainer from the last reported checkpoint: weights,
 optimizer, scheduler, step and logs. Rank 0 then writes ``adapter/`` (LoRA), ``merged/`` (base
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -48,6 +51,59 @@ def short_prompts(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
     if not kept:
         raise ValueError(f"no prompt fits in max_length={max_length} tokens")
     return kept
+
+
+def world_size() -> int:
+    """Training processes (Ray Train workers); 1 outside a process group."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+@dataclass
+class Budget:
+    """A stage's training budget: optimizer steps (PPO: updates), and what an epoch is.
+
+    ``rows`` is what one epoch passes over (the training rows after the trainer's own
+    filtering or packing; PPO: the prompts; RLOO: prompts x num_generations completions) and
+    ``rows_per_step`` what one step consumes over all workers (per-device batch x gradient
+    accumulation x workers)."""
+
+    rows: int
+    rows_per_step: int
+    max_steps: int  # the effective budget
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(self.rows / self.rows_per_step))
+
+    def epochs_seen(self, steps: int) -> float:
+        return steps * self.rows_per_step / self.rows
+
+
+def plan_budget(max_steps: int | None, num_train_epochs: float | None, rows: int, rows_per_step: int) -> Budget:
+    """The smaller of ``max_steps`` and ``num_train_epochs`` epochs (``None``: that one does not
+    limit; at least one is set). An epoch is ``ceil(rows / rows_per_step)`` steps, and a
+    fraction of epochs rounds up, as the transformers Trainer counts them."""
+    if rows < 1:
+        raise ValueError("no training rows")
+    limits = [] if max_steps is None else [max_steps]
+    if num_train_epochs is not None:
+        per_epoch = max(1, math.ceil(rows / rows_per_step))
+        limits.append(max(1, math.ceil(round(num_train_epochs * per_epoch, 6))))
+    if not limits:
+        raise ValueError("set max_steps or num_train_epochs")
+    return Budget(rows=rows, rows_per_step=rows_per_step, max_steps=min(limits))
+
+
+def set_budget(trainer, job: StageJob, rows: int, rows_per_step: int | None = None):
+    """Fix a transformers Trainer's ``max_steps`` to the stage's budget (kept on the trainer as
+    ``budget``, for ``metrics.json``). Default ``rows_per_step``: batch x accumulation x workers."""
+    s = job.settings
+    per_step = rows_per_step or s.per_device_batch_size * s.gradient_accumulation_steps * world_size()
+    trainer.budget = plan_budget(s.max_steps, s.num_train_epochs, rows, per_step)
+    trainer.args.max_steps = trainer.budget.max_steps  # read when train() starts (steps, schedule, warm-up)
+    return trainer
 
 
 def merge_adapter(base: str, adapter_dir: Path, out_dir: Path, head: str, tokenizer) -> None:
@@ -84,7 +140,8 @@ def training_args(job: StageJob) -> dict:
         precision = "bf16" if job.use_gpu and torch.cuda.is_bf16_supported() else "fp32"
     return dict(
         output_dir=str(Path(job.work_dir) / "hf"),
-        max_steps=s.max_steps,
+        max_steps=s.max_steps or -1,  # set_budget fixes it once the trainer knows its rows
+        num_train_epochs=s.num_train_epochs or 1.0,
         per_device_train_batch_size=s.per_device_batch_size,
         per_device_eval_batch_size=s.per_device_batch_size,
         gradient_accumulation_steps=s.gradient_accumulation_steps,
@@ -220,11 +277,15 @@ def _write_outputs(trainer, job: StageJob, resumed_from, final: dict) -> None:
     unset_hf_deepspeed_config()  # else ZeRO-3 would shard the merge's model loads over ranks that are done
     out = Path(job.out_dir)
     merge_adapter(job.model, out / "adapter", out / STAGE_MODEL_DIR, job.head, trainer.processing_class)
+    budget = getattr(trainer, "budget", None)  # None: a trainer built without set_budget (benchmarks)
     metrics = {
         "stage": job.stage,
         "global_step": trainer.state.global_step,
         "resumed_from_step": resumed_from,
         "rows": len(trainer.train_dataset) if trainer.train_dataset is not None else None,
+        "budget": None if budget is None else {
+            **asdict(budget), "steps_per_epoch": budget.steps_per_epoch,
+            "epochs_seen": budget.epochs_seen(trainer.state.global_step)},
         "final": final,
         "history": [dict(h) for h in trainer.state.log_history],
     }

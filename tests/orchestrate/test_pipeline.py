@@ -13,7 +13,9 @@ import pytest
 import yaml
 
 from hetray.cli import main
-from hetray.config import JobConfig, load_config
+from hetray.config import ConfigError, JobConfig, load_config
+from hetray.orchestrate.preflight import check_no_contamination
+from hetray.pairs import holdout
 from hetray.orchestrate.pipeline import plan_runs, run_pipeline
 from hetray.orchestrate.run_report import format_run_report
 from hetray.orchestrate.sync import sync
@@ -38,7 +40,7 @@ def grid_cfg(run_dir: Path, model: str, stages: list[str], wg: bool = True) -> J
                 "min_new_tokens": 1, "max_new_tokens": 4, "num_ppo_epochs": 1},
     }
     data["eval"] = {"suites": ["winobias", "chat"], "batch_size": 8, "max_new_tokens": 4,
-                    "winobias": {"limit": 2}, "chat": {"prompts": ["Say hi."], "max_new_tokens": 4}}
+                    "winobias": {"limit": 2, "types": [2]}, "chat": {"prompts": ["Say hi."], "max_new_tokens": 4}}
     data["pipeline"] = {
         "stages": stages,
         "runs": [
@@ -119,7 +121,7 @@ def test_grid_shares_stages_resumes_after_failure_and_skips_when_done(tmp_path, 
     runs = {r["name"]: r for r in summary["runs"]}
     assert runs["uni-0.6-R"]["model"].endswith("runs/all-k3-f0.6/ppo/merged")
     assert runs["uni-0.6-S"]["model"].endswith("runs/all-k3-f0.6/sft/merged")
-    assert runs["uni-0.6-R"]["pairs_selected"] == 67
+    assert runs["uni-0.6-R"]["pairs_selected"] == 52
     metrics = json.loads((root / "eval" / "metrics.json").read_text())
     assert set(runs) <= set(metrics)
     assert (root / "report.md").read_text().count("| uni-0.6-") >= 2
@@ -141,7 +143,7 @@ def test_force_reruns_every_stage_and_a_moved_run_dir_is_up_to_date(tmp_path, ra
     first = run_pipeline(data_cfg(tmp_path / "a"))
     assert [(s["stage"], s["status"]) for s in first["steps"]] == [(s, "ran") for s in DATA_STAGES]
     selected = sorted(read_table(tmp_path / "a" / "selected", ["pair_id"])["pair_id"].to_pylist())
-    assert len(selected) == 67
+    assert len(selected) == 52
 
     moved = tmp_path / "elsewhere" / "b"
     moved.parent.mkdir()
@@ -174,3 +176,44 @@ def test_a_second_run_on_the_same_run_dir_fails_at_once(tmp_path, ray_local, cap
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_job_that_would_evaluate_on_its_training_data_is_refused(tmp_path):
+    quickstart = load_config(QUICKSTART, [f"run_dir={tmp_path}"])
+    check_no_contamination(quickstart, plan_runs(quickstart))  # trains on type 1, scores type 2: fine
+
+    both = load_config(QUICKSTART, [f"run_dir={tmp_path}", "eval.winobias.types=[1,2]"])
+    with pytest.raises(ConfigError, match=r"eval suite 'winobias' reads .*anti_stereotyped_type1\.txt\.dev, "
+                                          r"which source 'winobias' \(convert.sources\[2\]\) trains on"):
+        check_no_contamination(both, plan_runs(both))
+    with pytest.raises(ConfigError, match="never evaluates on data it trained on"):
+        run_pipeline(both)  # before Ray or any stage
+    assert not (tmp_path / "preferences").exists()
+    data_only = load_config(QUICKSTART, [f"run_dir={tmp_path}", "eval.winobias.types=[1,2]",
+                                         "pipeline.stages=[convert,embed,cluster,select,eval]"])
+    check_no_contamination(data_only, plan_runs(data_only))  # nothing trained: nothing to leak
+
+
+def test_winogrande_may_share_a_file_only_through_the_same_qid_holdout(tmp_path):
+    wg = tmp_path / "wg.jsonl"
+    wg.write_text("".join(json.dumps({"qID": f"q{i}", "sentence": f"Ann met Bo {i} times because _ was kind.",
+                                      "option1": "Ann", "option2": "Bo", "answer": "1"}) + "\n" for i in range(20)))
+    copy = tmp_path / "copy.jsonl"
+    shutil.copy(wg, copy)
+
+    def job(train_holdout, eval_holdout, eval_path=wg):
+        source = {"name": "wg", "format": "winogrande", "path": str(wg)}
+        if train_holdout is not None:
+            source["holdout"] = train_holdout
+        return JobConfig.model_validate({
+            "run_dir": str(tmp_path / "run"), "convert": {"sources": [source]},
+            "eval": {"suites": ["winogrande"], "winogrande": {"path": str(eval_path), "holdout": eval_holdout}},
+            "pipeline": {"stages": ["convert", "embed", "cluster", "select", "sft", "eval"]}})
+
+    for ok in (job(0.3, 0.3), job(0.5, 0.5)):
+        check_no_contamination(ok, plan_runs(ok))
+    for bad in (job(None, None), job(None, 0.3), job(0.3, None), job(0.3, 0.5), job(None, None, copy)):
+        with pytest.raises(ConfigError, match="eval suite 'winogrande' reads .*which source 'wg'.*holdout"):
+            check_no_contamination(bad, plan_runs(bad))
+    held = [json.loads(line)["qID"] for line in wg.read_text().splitlines() if line.strip()]
+    assert 0 < sum(holdout(q, 0.5) for q in held) < len(held)  # the split cuts the file in two

@@ -5,19 +5,29 @@ Input: jsonl, one object a line: ``qID``, ``sentence`` (with one ``_`` blank), `
 option, rejected = the other. WinoGrande has no ordered score, so ``quality`` is null.
 
 Rejects: ``no_answer`` (the test split has no ``answer``), ``bad_answer`` (not "1"/"2"),
-``no_blank`` (the sentence has no ``_``), ``same_options``, and the shared JSON/field reasons.
+``no_blank`` (the sentence has no ``_``), ``same_options``, ``held_out`` (``holdout`` is set and
+the row's ``qID`` is kept for evaluation: ``hetray.pairs.holdout``, the same rows
+``eval.winogrande.holdout`` scores), and the shared JSON/field reasons.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
+from hetray.pairs import holdout
 from hetray.schema import pair, reject
 from hetray.unify.sources.base import SourceSettings, decode_json, require_str
 
 
 class Settings(SourceSettings):
     format: Literal["winogrande"] = "winogrande"
+    holdout: float | None = Field(
+        default=None, gt=0, lt=1,
+        description="share of qIDs kept out of training for evaluation (set eval.winogrande.holdout "
+        "to the same value to evaluate on exactly those rows); None: train on every row",
+    )
 
 
 def parse(row: dict, s: Settings) -> list[dict]:
@@ -25,6 +35,8 @@ def parse(row: dict, s: Settings) -> list[dict]:
     if bad:
         return [bad]
     rid = str(obj.get("qID") or f"{row['file']}:{row['line']}")
+    if s.holdout is not None and holdout(rid, s.holdout):
+        return [reject(s.name, row["file"], row["line"], rid, "held_out", f"qID kept for evaluation (holdout {s.holdout:g})")]
     fields = {}
     for name in ("sentence", "option1", "option2"):
         fields[name], bad = require_str(obj, name, row, s.name, rid)
