@@ -54,6 +54,7 @@ def run_measured(cmd: list[str], env: dict | None = None, interval: float = 0.5)
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ps = psutil.Process(proc.pid)
     peak = 0
+    loads: list[float] = []
     stop = threading.Event()
 
     def sample():
@@ -63,6 +64,7 @@ def run_measured(cmd: list[str], env: dict | None = None, interval: float = 0.5)
                 peak = max(peak, _tree_pss(ps))
             except psutil.NoSuchProcess:
                 break
+            loads.append(os.getloadavg()[0])
             stop.wait(interval)
 
     t = threading.Thread(target=sample, daemon=True)
@@ -78,6 +80,8 @@ def run_measured(cmd: list[str], env: dict | None = None, interval: float = 0.5)
         "wall_s": round(wall, 2),
         "peak_mem_mib": round(peak / 2**20, 1),
         "load_avg_1min_after": round(os.getloadavg()[0], 2),  # above the core count: contended
+        "load_avg_1min_during": {"min": round(min(loads), 2), "mean": round(sum(loads) / len(loads), 2),
+                                 "max": round(max(loads), 2)} if loads else None,
         "output_tail": out[-2000:],
     }
 

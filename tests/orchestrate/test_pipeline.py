@@ -20,7 +20,7 @@ from hetray.orchestrate.pipeline import plan_runs, run_pipeline
 from hetray.orchestrate.run_report import format_run_report
 from hetray.orchestrate.sync import sync
 from hetray.schema import read_table
-from hetray.stage import RunDirBusy
+from hetray.stage import RunDirBusy, read_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
@@ -130,6 +130,14 @@ def test_grid_shares_stages_resumes_after_failure_and_skips_when_done(tmp_path, 
     again = run_pipeline(cfg)
     assert {s["status"] for s in again["steps"]} == {"skipped"}
 
+    # moved elsewhere (links between run folders are relative): still up to date, every stage
+    moved = tmp_path / "elsewhere" / "job"
+    moved.parent.mkdir()
+    shutil.move(str(root), str(moved))
+    there = run_pipeline(cfg.model_copy(update={"run_dir": str(moved)}))
+    assert {s["status"] for s in there["steps"]} == {"skipped"} and len(there["steps"]) == len(again["steps"])
+    assert (moved / "runs" / "all-k3-f0.6" / "preferences" / "manifest.json").is_file()
+
 
 DATA_STAGES = ["convert", "embed", "cluster", "select"]
 
@@ -139,22 +147,18 @@ def data_cfg(run_dir: Path) -> JobConfig:
 
 
 @pytest.mark.slow
-def test_force_reruns_every_stage_and_a_moved_run_dir_is_up_to_date(tmp_path, ray_local):
-    first = run_pipeline(data_cfg(tmp_path / "a"))
+def test_force_reruns_every_stage(tmp_path, ray_local):
+    first = run_pipeline(data_cfg(tmp_path))
     assert [(s["stage"], s["status"]) for s in first["steps"]] == [(s, "ran") for s in DATA_STAGES]
-    selected = sorted(read_table(tmp_path / "a" / "selected", ["pair_id"])["pair_id"].to_pylist())
+    selected = sorted(read_table(tmp_path / "selected", ["pair_id"])["pair_id"].to_pylist())
     assert len(selected) == 52
+    created = {d: read_manifest(tmp_path / d)["created"] for d in ("preferences", "embeddings", "clusters")}
 
-    moved = tmp_path / "elsewhere" / "b"
-    moved.parent.mkdir()
-    shutil.move(str(tmp_path / "a"), str(moved))
-    again = run_pipeline(data_cfg(moved))
-    assert [(s["stage"], s["status"]) for s in again["steps"]] == [(s, "skipped") for s in DATA_STAGES]
-
-    forced = run_pipeline(data_cfg(moved), force=True)  # every stage, embed and cluster too
+    forced = run_pipeline(data_cfg(tmp_path), force=True)  # every stage, embed and cluster too
     assert [(s["stage"], s["status"]) for s in forced["steps"]] == [(s, "ran") for s in DATA_STAGES]
+    assert all(read_manifest(tmp_path / d)["created"] >= c for d, c in created.items())
     # the same pairs (convert writes its files in the order its tasks finish, so not the same bytes)
-    assert sorted(read_table(moved / "selected", ["pair_id"])["pair_id"].to_pylist()) == selected
+    assert sorted(read_table(tmp_path / "selected", ["pair_id"])["pair_id"].to_pylist()) == selected
 
 
 def test_a_second_run_on_the_same_run_dir_fails_at_once(tmp_path, ray_local, capsys):
