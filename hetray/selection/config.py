@@ -39,6 +39,12 @@ class SelectConfig(Strict):
         default=None, gt=0, le=1, description="drop near-duplicate prompts in a cluster above this cosine"
     )
     examples_per_cluster: int = Field(default=3, ge=0, description="example prompts in the report")
+    keep_unscored: bool = Field(
+        default=False,
+        description="sources without quality scores (WinoGrande, WinoBias, WinoGender) are kept whole "
+        "and only scored sources are cut to `fraction` (paper: 'WinoGrande ... not filtered'); "
+        "False: every source, scored or not, keeps `fraction` of its pairs (paper A.3: each source keeps its share)",
+    )
     sources: list[str] | None = Field(
         default=None, min_length=1, description="keep pairs of these sources only (None: all)"
     )

@@ -6,7 +6,10 @@ All functions work on pandas frames with the columns ``pair_id``, ``source``, ``
 * ``quotas``: how many pairs each (cluster, source) cell keeps. Every source keeps
   ``round(fraction * its size)`` pairs (so each source keeps its share of the data), spread over
   the clusters in proportion to the cell sizes by the largest-remainder method. Fraction 1.0
-  keeps every pair.
+  keeps every pair. Sources named in ``keep_whole`` (``select.keep_unscored``: the sources
+  without quality scores) keep every pair, and the others are cut as if they were alone.
+* ``unscored_sources``: the sources whose pairs all have a null quality (WinoGrande, WinoBias,
+  WinoGender).
 * ``ranking``: scored rows rank by quality, highest first (optionally as a percentile within
   their source); rows without a quality rank by the seeded hash alone, i.e. a seeded random
   sample. Ties in quality are broken by the same hash, so the order is total and reproducible.
@@ -31,12 +34,19 @@ def _round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-def quotas(counts: pd.DataFrame, fraction: float, stratify: bool = True) -> pd.DataFrame:
+def unscored_sources(df: pd.DataFrame) -> list[str]:
+    """Sources of ``df`` (columns source, quality) whose every pair has a null quality, sorted."""
+    scored = df["quality"].notna().groupby(df["source"]).any()
+    return sorted(scored.index[~scored.to_numpy()].tolist())
+
+
+def quotas(counts: pd.DataFrame, fraction: float, stratify: bool = True, keep_whole=()) -> pd.DataFrame:
     """``counts``: columns cluster, source, n -> the same rows plus ``keep``.
 
     With ``stratify`` (the paper), each source's total keep is ``round(fraction * N_source)``
     and is spread over its clusters by largest remainder; without, each cluster keeps
-    ``round(fraction * N_cluster)`` spread over its sources the same way.
+    ``round(fraction * N_cluster)`` spread over its sources the same way. Cells of the sources
+    in ``keep_whole`` keep all their pairs and do not count towards the other cells' quotas.
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
@@ -47,8 +57,9 @@ def quotas(counts: pd.DataFrame, fraction: float, stratify: bool = True) -> pd.D
         return out
     group = "source" if stratify else "cluster"
     order = "cluster" if stratify else "source"
-    keep = pd.Series(0, index=out.index)
-    for _, cells in out.groupby(group, sort=True):
+    whole = out["source"].isin(list(keep_whole))
+    keep = out["n"].where(whole, 0)
+    for _, cells in out[~whole].groupby(group, sort=True):
         exact = cells["n"] * fraction
         base = np.floor(exact).astype(int)
         extra = _round_half_up(cells["n"].sum() * fraction) - int(base.sum())

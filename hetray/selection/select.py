@@ -14,6 +14,15 @@ stratified so every source keeps its share (paper 2.4, 2.5, A.3).
    ``selected/`` in the input order, with the same schema: same inputs + seed give the same
    files, byte for byte.
 
+**Two readings of the paper for sources without quality** (WinoGrande, WinoBias, WinoGender:
+``quality`` null on every pair), chosen by ``select.keep_unscored``:
+
+* ``False`` (default; paper A.3, "every source keeps its share"): such a source is cut to
+  ``fraction`` like any other, by a seeded random sample within each cluster;
+* ``True`` (the paper's "WinoGrande ... not filtered" reading): such a source is kept whole, and only the
+  scored sources are cut to ``fraction`` per cluster (with ``stratify``, per cluster and source;
+  without, per cluster over the scored sources only). The manifest lists them in ``kept_whole``.
+
 Memory: the driver holds the narrow view, about 80 bytes a pair (10M pairs: ~0.8 GB), never
 the texts. Ray shuffles (join, group-by) would bound that too, but on one machine they cost
 minutes of actor start-up for what a vectorised sort does in seconds; the narrow view stops
@@ -37,7 +46,7 @@ from ray.data.datasource import Datasink
 from hetray.config import JobConfig
 from hetray.schema import PREFERENCE_SCHEMA, make_id, parquet_files
 from hetray.selection.report import write_report
-from hetray.selection.rules import near_duplicates, order, quotas, ranking, tie_hash
+from hetray.selection.rules import near_duplicates, order, quotas, ranking, tie_hash, unscored_sources
 from hetray.stage import Stage, read_manifest, require_ray, run_stage
 
 log = logging.getLogger(__name__)
@@ -125,12 +134,14 @@ def _select(cfg: JobConfig, run_dir: Path, pref_files: list[str], n_pairs: int, 
         dropped_dup = n_pairs - len(joined)
     cells = ["cluster", "source"] if s.stratify else ["cluster"]
     before = joined.groupby(["cluster", "source"]).size().rename("n").reset_index()
-    plan = quotas(before, s.fraction, s.stratify)
-    keep = plan.groupby(cells)["keep"].sum()
-    ranked = order(ranking(joined, s.quality_normalization))
+    whole = unscored_sources(joined) if s.keep_unscored else []
+    plan = quotas(before, s.fraction, s.stratify, keep_whole=whole)
+    is_whole = joined["source"].isin(whole)
+    keep = plan[~plan["source"].isin(whole)].groupby(cells)["keep"].sum()
+    ranked = order(ranking(joined[~is_whole], s.quality_normalization))
     rank_in_cell = ranked.groupby(cells, sort=False).cumcount()
     limit = ranked.set_index(cells).index.map(keep).to_numpy()
-    kept_df = ranked[rank_in_cell.to_numpy() < limit]
+    kept_df = pd.concat([ranked[rank_in_cell.to_numpy() < limit], joined[is_whole]], ignore_index=True)
     ids = pa.array(np.sort(kept_df["pair_id"].to_numpy().astype(str)))
 
     ctx = ray.data.DataContext.get_current()
@@ -158,6 +169,7 @@ def _select(cfg: JobConfig, run_dir: Path, pref_files: list[str], n_pairs: int, 
         "pairs_in": n_pairs,
         "pairs_selected": int(len(kept_df)),
         "dropped_near_duplicates": dropped_dup,
+        "kept_whole": whole,
         "n_clusters": int(cfg.cluster.n_clusters),
         "cells": table.to_dict(orient="records"),
         "report": report,

@@ -11,7 +11,10 @@ Per source the pipeline is ``read -> parse (map_batches) -> [groupby(group) -> c
 write``. The shuffle only runs for adapters whose groups span input records (flat OASST
 messages, WinoBias pro/anti files); it is Ray's external shuffle, so replies of one prompt may
 sit in different files and memory stays bounded. The writer splits each block by kind into the
-three folders and returns counts, so accounting costs no second pass.
+three folders and returns counts, so accounting costs no second pass. Label names that the
+adapters' items carry (``base.LABEL_NAMES``) are tallied per batch into one ``kind="labels"``
+row (never written); after the pass each adapter's ``check_counts`` can refuse what the counts
+show, e.g. an OASST label that no message has.
 
 The stage runner (``hetray.stage``) skips the stage when its key is unchanged and commits the
 three folders together: a failed or killed run never leaves half an output behind, nor
@@ -20,6 +23,7 @@ destroys the previous one.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -47,12 +51,16 @@ from hetray.schema import (
     split_output,
 )
 from hetray.unify.sources import adapter_for
+from hetray.unify.sources.base import tally_label_names
 from hetray.stage import Stage, require_ray, run_stage
 from hetray.unify.sources.readers import InputError, expand_paths, make_datasource, peek_record
 
 log = logging.getLogger(__name__)
 
 OUTPUTS = {"preferences": PREFERENCE_SCHEMA, "sft_only": SFT_SCHEMA, "rejects": REJECT_SCHEMA}
+# kind of the rows that carry a batch's label tally (``detail``: JSON {name: n}) to the sink;
+# ``split_output`` writes them nowhere.
+LABELS = "labels"
 
 
 # ---------------------------------------------------------------------------- pure batch logic
@@ -79,6 +87,9 @@ def parse_batch(batch: pa.Table, adapter, s, shuffle: bool, index: int = 0, n_bu
     per OASST tree.
     """
     records = [rec for row in batch.to_pylist() for rec in adapter.parse(row, s)]
+    tally = tally_label_names(records)
+    if tally:
+        records.append({"kind": LABELS, "source": s.name, "detail": json.dumps(tally, sort_keys=True)})
     if not shuffle:
         return pa.Table.from_pylist(_combine_local(adapter, s, records), schema=OUTPUT_SCHEMA)
     buckets = []
@@ -131,6 +142,8 @@ class SplitParquetSink(Datasink):
         try:
             for block in blocks:
                 table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
+                if table.num_rows == 0:  # an empty shuffle partition comes without columns
+                    continue
                 _tally(table, counts)
                 for folder, part in zip(OUTPUTS, split_output(table)):
                     if part.num_rows == 0:
@@ -150,9 +163,12 @@ class SplitParquetSink(Datasink):
 
 
 def _tally(table: pa.Table, counts: dict) -> None:
-    for row in table.select(["kind", "source", "reason", "provenance"]).to_pylist():
+    for row in table.select(["kind", "source", "reason", "provenance", "detail"]).to_pylist():
         c = counts.setdefault(row["source"], _empty_counts())
-        if row["kind"] == REJECT:
+        if row["kind"] == LABELS:
+            for name, n in json.loads(row["detail"]).items():
+                c["labels"][name] = c["labels"].get(name, 0) + n
+        elif row["kind"] == REJECT:
             c["rejected"] += 1
             c["reasons"][row["reason"]] = c["reasons"].get(row["reason"], 0) + 1
         else:
@@ -161,7 +177,7 @@ def _tally(table: pa.Table, counts: dict) -> None:
 
 
 def _empty_counts() -> dict:
-    return {"pairs": 0, "sft": 0, "used": 0, "rejected": 0, "reasons": {}}
+    return {"pairs": 0, "sft": 0, "used": 0, "rejected": 0, "reasons": {}, "labels": {}}
 
 
 def _merge(into: dict, part: dict) -> None:
@@ -169,8 +185,9 @@ def _merge(into: dict, part: dict) -> None:
         t = into.setdefault(source, _empty_counts())
         for k in ("pairs", "sft", "used", "rejected"):
             t[k] += c[k]
-        for reason, n in c["reasons"].items():
-            t["reasons"][reason] = t["reasons"].get(reason, 0) + n
+        for key in ("reasons", "labels"):
+            for name, n in c[key].items():
+                t[key][name] = t[key].get(name, 0) + n
 
 
 # ---------------------------------------------------------------------------- planning
@@ -315,6 +332,22 @@ def build_dataset(planned: list, batch_size: int, partitions: int | None = None)
     return direct[0].union(*direct[1:]) if len(direct) > 1 else direct[0]
 
 
+def check_counts(planned: list, counts: dict) -> None:
+    """Each adapter's ``check_counts`` on its source's counts; one InputError naming every
+    source that fails (e.g. a label that occurs on none of its messages)."""
+    errors = []
+    for adapter, _, s in planned:
+        check = getattr(adapter, "check_counts", None)
+        if check is None:
+            continue
+        try:
+            check(s, counts[s.name])
+        except InputError as e:
+            errors.append(str(e))
+    if errors:
+        raise InputError("\n".join(errors))
+
+
 # ---------------------------------------------------------------------------- entry point
 
 
@@ -338,6 +371,7 @@ def run_convert(cfg: JobConfig, force: bool = False) -> dict:
             if not any((tmp / folder).glob("*.parquet")):
                 pq.write_table(schema.empty_table(), tmp / folder / "part-empty.parquet")
         counts = {s.name: sink.counts.get(s.name, _empty_counts()) for _, _, s in planned}
+        check_counts(planned, counts)
         totals = {k: sum(c[k] for c in counts.values()) for k in ("pairs", "sft", "used", "rejected")}
         return {"counts": counts, "totals": totals}
 

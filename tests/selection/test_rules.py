@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hetray.selection.rules import near_duplicates, order, quotas, ranking, tie_hash, top_of_cell
+from hetray.selection.rules import near_duplicates, order, quotas, ranking, tie_hash, top_of_cell, unscored_sources
 
 
 def counts(rows):
@@ -84,3 +84,15 @@ def test_near_duplicates_keep_the_first_best_row():
     v = np.array([[1, 0], [0.999, 0.04], [0, 1], [0.7, 0.7]], dtype=np.float32)
     v /= np.linalg.norm(v, axis=1, keepdims=True)
     assert near_duplicates(v, 0.95).tolist() == [True, False, True, True]
+
+
+def test_quotas_keep_whole_and_unscored_sources():
+    c = counts([(0, "oasst", 6), (1, "oasst", 4), (0, "winogrande", 4), (1, "winogrande", 2)])
+    q = quotas(c, 0.5, keep_whole=["winogrande"])
+    assert q["keep"].tolist() == [3, 2, 4, 2]
+    assert quotas(c, 0.5)["keep"].tolist() == [3, 2, 2, 1]
+    # without stratification the quota of a cluster counts its scored pairs only
+    assert quotas(c, 0.5, stratify=False, keep_whole=["winogrande"])["keep"].tolist() == [3, 2, 4, 2]
+    df = pd.DataFrame({"source": ["oasst", "oasst", "wg", "wg", "mixed", "mixed"],
+                       "quality": [0.5, 0.1, None, None, None, 0.3]})
+    assert unscored_sources(df) == ["wg"]  # one scored pair makes a source scored

@@ -369,3 +369,38 @@ def test_generic_settings_validation():
         generic.Settings(name="g", path="x", shape="scored")
     with pytest.raises(ValueError, match="label"):
         generic.Settings(name="g", path="x", shape="scored", columns={"scores": ["a"]}, label="b")
+
+
+@pytest.mark.shared_data
+def test_winogender_real_data(shared_data):
+    """The full WinoGender schemas: all 720 sentences are accounted for."""
+    folder = shared_data / "winogender"
+    sentences, stats_file = folder / "all_sentences.tsv", folder / "occupations-stats.tsv"
+    # the real statistics file has the columns the adapter reads
+    assert stats_file.read_text().splitlines()[0].split("\t") == [
+        "occupation", "bergsma_pct_female", "bls_pct_female", "bls_year"]
+    stats = winogender.load_occupation_stats(str(stats_file))
+    assert len(stats) == 60 and stats["engineer"] == 10.72 and stats["nurse"] == 89.58
+    s = winogender.Settings(name="winogender", path=str(sentences), occupation_stats=str(stats_file))
+    winogender.check_columns(s, [str(sentences)])
+    out, counts = run(winogender, s, sentences)
+    assert counts["used"] + counts["rejected"] == 720
+    assert counts["pairs"] == 224 and counts["used"] == 448 and counts["rejected"] == 272
+    assert counts["reasons"] == {"neutral_pronoun": 240, "no_stereotype": 32}
+    # no stereotype: the four occupations within 45..55% women, 8 gendered sentences each
+    unstereotyped = {o["detail"].split("'")[1] for o in out if o["kind"] == "reject" and o["reason"] == "no_stereotype"}
+    assert unstereotyped == {"administrator", "appraiser", "investigator", "salesperson"}
+    # independently from templates.tsv: 2 pairs (participant and "someone") per template whose
+    # occupation has a stereotype
+    rows = [line.split("\t") for line in (folder / "templates.tsv").read_text().splitlines()[1:] if line.strip()]
+    assert len(rows) == 120
+    assert counts["pairs"] == 2 * sum(abs(stats[r[0]] - 50) > 5 for r in rows)
+    # engineer (10.72% women, male stereotype): the anti-stereotype "she" sentence is chosen
+    eng = next(o for o in out if o["kind"] == "pair" and o["provenance"][0].endswith("all_sentences.tsv:38"))
+    assert (eng["prompt"], eng["chosen"], eng["rejected"]) == (
+        "The engineer informed the client that", "she would need more time to complete the project.",
+        "he would need more time to complete the project.")
+    assert eng["provenance"][1].endswith("all_sentences.tsv:37") and eng["quality"] is None
+    # nurse (89.58% women, female stereotype): "he" is chosen
+    nurse = [o for o in out if o["kind"] == "pair" and o["prompt"].startswith("The nurse notified the patient that")]
+    assert nurse and all(o["chosen"].startswith("his ") and o["rejected"].startswith("her ") for o in nurse)

@@ -135,3 +135,49 @@ def test_hub_loader_runs_on_a_local_dataset_folder(tmp_path, ray_local):
     assert m["counts"]["wg"]["pairs"] == 4
     prefs = read(tmp_path / "run" / "preferences").to_pylist()
     assert {p["chosen"] for p in prefs} == {"Anna", "ice", "Carl", "pot"}
+
+
+OASST_DETOX = str(FIXTURES / "oasst" / "messages_detoxify.jsonl")
+
+
+def test_detoxify_label_through_the_stage_and_label_tally(tmp_path, ray_local):
+    src = [{"name": "oasst", "format": "oasst", "path": OASST_DETOX, "label": "detoxify.toxicity"}]
+    m = run_convert(job(tmp_path, src, batch_size=2))
+    c = m["counts"]["oasst"]
+    assert (c["pairs"], c["used"], c["rejected"]) == (1, 3, 2)
+    assert c["reasons"] == {"middle_rank": 1, "missing_detoxify": 1}
+    # label names tallied during the pass, per message that carries them (d1-a4 has no detoxify)
+    assert c["labels"]["detoxify.toxicity"] == 4 and c["labels"]["quality"] == 5 and c["labels"]["toxicity"] == 3
+    (p,) = read(tmp_path / "run" / "preferences").to_pylist()
+    assert (p["chosen_score"], p["rejected_score"], p["label"]) == (0.00038284, 0.91, "detoxify.toxicity")
+    assert set(read(tmp_path / "run" / "rejects")["reason"].to_pylist()) == {"middle_rank", "missing_detoxify"}
+
+
+def test_label_found_on_no_message_fails_the_stage(tmp_path, ray_local):
+    src = [
+        {"name": "wg", "format": "winogrande", "path": WG},
+        {"name": "oasst", "format": "oasst", "path": OASST_DETOX, "label": "toxicty"},
+    ]
+    with pytest.raises(InputError) as e:
+        run_convert(job(tmp_path, src))
+    assert str(e.value) == (
+        f"source 'oasst': label 'toxicty' occurs in none of the 5 messages of {OASST_DETOX}; labels present: "
+        "detoxify.identity_attack, detoxify.insult, detoxify.obscene, detoxify.severe_toxicity, "
+        "detoxify.sexual_explicit, detoxify.threat, detoxify.toxicity, helpfulness, quality, spam, toxicity"
+    )
+    assert not (tmp_path / "run" / "preferences").exists()  # nothing committed
+    # the same source through the grouped path of a tree file (no shuffle): also refused
+    trees = str(FIXTURES / "oasst" / "trees.jsonl")
+    with pytest.raises(InputError, match=r"label 'detoxify.toxicity' occurs in none of the \d+ messages of .*trees.jsonl; labels present: quality, toxicity$"):
+        run_convert(job(tmp_path, [{"name": "oasst", "format": "oasst", "path": trees, "label": "detoxify.toxicity"}]))
+
+
+def test_label_missing_from_real_trees_is_refused(tmp_path, ray_local, shared_data):
+    """The 100 real trees have ranks but no labels and no Detoxify scores."""
+    path = str(shared_data / "oasst" / "en_100_tree.jsonl")
+    with pytest.raises(InputError) as e:
+        run_convert(job(tmp_path, [{"name": "oasst", "format": "oasst", "path": path, "label": "toxicity"}]))
+    assert str(e.value) == (
+        f"source 'oasst': label 'toxicity' occurs in none of the 1,167 messages of {path}; "
+        "labels present: none (no message has labels or Detoxify scores)"
+    )

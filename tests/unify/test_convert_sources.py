@@ -83,6 +83,8 @@ def test_shared_data_known_counts(tmp_path, ray_local, shared_data):
         {"name": "winogrande", "format": "winogrande", "path": str(d / "winogrande" / "dev.jsonl")},
         {"name": "oasst", "format": "oasst", "path": str(d / "oasst" / "en_100_tree.jsonl"), "label": "rank"},
         {"name": "winobias", "format": "winobias", "path": str(d / "winobias" / "*_stereotyped_type*.txt.dev")},
+        {"name": "winogender", "format": "winogender", "path": str(d / "winogender" / "all_sentences.tsv"),
+         "occupation_stats": str(d / "winogender" / "occupations-stats.tsv")},
     ]
     cfg = JobConfig.model_validate({"run_dir": str(tmp_path / "run"), "convert": {"sources": sources}})
     m = run_convert(cfg)
@@ -91,8 +93,10 @@ def test_shared_data_known_counts(tmp_path, ray_local, shared_data):
     assert c["oasst"]["pairs"] == 207
     assert c["oasst"]["used"] + c["oasst"]["rejected"] == 1167  # messages in the 100 trees
     assert c["winobias"]["pairs"] == 792 and c["winobias"]["used"] == 4 * 396
+    assert c["winogender"]["pairs"] == 224 and c["winogender"]["used"] + c["winogender"]["rejected"] == 720
+    assert c["winogender"]["reasons"] == {"neutral_pronoun": 240, "no_stereotype": 32}
     prefs = _table(tmp_path / "run" / "preferences")
-    assert prefs.num_rows == 1267 + 207 + 792
+    assert prefs.num_rows == 1267 + 207 + 792 + 224
     oasst = [p for p in prefs.to_pylist() if p["source"] == "oasst"]
     assert all(p["chosen_score"] < p["rejected_score"] for p in oasst)  # rank: lower is better
     assert all(p["quality"] == p["rejected_score"] - p["chosen_score"] for p in oasst)

@@ -9,12 +9,13 @@ import pytest
 
 from hetray.unify.sources import oasst
 from hetray.unify.sources.base import account, convert_rows
-from hetray.unify.sources.readers import iter_records
+from hetray.unify.sources.readers import InputError, iter_records
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "oasst"
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 ALL_FIXTURES = ["trees.jsonl", "nested.jsonl", "messages_raw.jsonl", "messages_hub_a.jsonl",
-                "messages_hub_b.jsonl", "malformed.jsonl"]
+                "messages_hub_b.jsonl", "malformed.jsonl", "messages_detoxify.jsonl",
+                "messages_detoxify_hub.jsonl"]
 
 
 def settings(**kw) -> oasst.Settings:
@@ -278,7 +279,8 @@ def test_thread_context_broken_thread():
 
 
 @pytest.mark.parametrize("name", ALL_FIXTURES)
-@pytest.mark.parametrize("kw", [{}, {"label": "toxicity"}, {"thread_context": True, "lang": ["en"]},
+@pytest.mark.parametrize("kw", [{}, {"label": "toxicity"}, {"label": "detoxify.toxicity"},
+                                {"thread_context": True, "lang": ["en"]},
                                 {"skip_deleted": False, "skip_synthetic": False}])
 def test_every_message_accounted_once(name, kw):
     out = run(FIX / name, **kw)
@@ -364,3 +366,114 @@ def test_real_trees_rank():
                                  "missing_score": 46, "synthetic": 22}
     nested = account(run(SHARED_DATA / "oasst" / "en_100_message.jsonl"))
     assert nested == counts
+
+
+# ---------------------------------------------------------------------------- detoxify scores
+
+DETOX = FIX / "messages_detoxify.jsonl"  # raw export: labels {name: {value, count}} + detoxify
+DETOX_HUB = FIX / "messages_detoxify_hub.jsonl"  # hub table: labels as parallel lists
+
+
+def test_detoxify_label_raw_export():
+    out = run(DETOX, label="detoxify.toxicity")
+    (p,) = [o for o in out if o["kind"] == "pair"]
+    # auto: lower is better; the paper's example score 0.00038284 is the least toxic reply
+    assert p["provenance"] == ["d1-p1", "d1-a1", "d1-a2"] and p["label"] == "detoxify.toxicity"
+    assert (p["chosen_score"], p["rejected_score"]) == (0.00038284, 0.91)
+    assert p["quality"] == pytest.approx(0.91 - 0.00038284)
+    assert p["chosen"].startswith("Thank the organiser") and p["prompt"] == "How do I politely decline a meeting invitation?"
+    assert reasons(out) == {"d1-a3": "middle_rank", "d1-a4": "missing_detoxify"}  # d1-a4: detoxify null
+    missing = next(o for o in out if o.get("record_id") == "d1-a4")
+    assert missing["detail"] == "no Detoxify score 'toxicity'"
+    # the human label of the same name is another score, with its own missing reason
+    out = run(DETOX, label="toxicity")
+    assert pairs_by_prompter(out)["d1-p1"]["rejected_score"] == 0.6
+    assert reasons(out) == {"d1-a3": "middle_rank", "d1-a4": "missing_score"}
+    p = pairs_by_prompter(run(DETOX, label="detoxify.insult", direction="higher"))["d1-p1"]
+    assert p["provenance"] == ["d1-p1", "d1-a2", "d1-a1"] and (p["chosen_score"], p["rejected_score"]) == (0.87, 0.00021)
+
+
+def test_detoxify_label_hub_form_jsonl_and_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    out = run(DETOX_HUB, label="detoxify.toxicity")
+    p = pairs_by_prompter(out)["d2-p1"]
+    assert p["provenance"] == ["d2-p1", "d2-a1", "d2-a2"] and (p["chosen_score"], p["rejected_score"]) == (0.0009, 0.05)
+    assert reasons(out) == {"d2-a3": "missing_detoxify"}
+    # the hub table as Parquet: detoxify a struct column, null for two messages
+    rows = [json.loads(line) for line in DETOX_HUB.read_text().splitlines()]
+    path = tmp_path / "oasst_validation.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    out = run(path, label="detoxify.toxicity")
+    p = pairs_by_prompter(out)["d2-p1"]
+    assert p["provenance"] == ["d2-p1", "d2-a1", "d2-a2"] and p["quality"] == pytest.approx(0.0491)
+    assert reasons(out) == {"d2-a3": "missing_detoxify"}
+    assert account(out)["used"] + account(out)["rejected"] == 4
+
+
+def test_detoxify_value_and_label_names():
+    scores = {"toxicity": 0.00038284, "insult": None}
+    assert oasst.detoxify_value(scores, "toxicity") == 0.00038284
+    assert oasst.detoxify_value(scores, "insult") is None
+    assert oasst.detoxify_value(scores, "threat") is None
+    assert oasst.detoxify_value(None, "toxicity") is None
+    for bad in ([0.1], {"toxicity": "low"}):
+        with pytest.raises(ValueError):
+            oasst.detoxify_value(bad, "toxicity")
+    raw = {"labels": {"spam": {"value": 0.0, "count": 3}, "quality": {"value": 0.9, "count": 3}},
+           "detoxify": scores}
+    assert oasst.label_names(raw) == ["spam", "quality", "detoxify.toxicity"]
+    hub = {"labels": {"name": ["quality", "toxicity"], "value": [0.8, 0.0], "count": [3, 3]}, "detoxify": None}
+    assert oasst.label_names(hub) == ["quality", "toxicity"]
+    assert oasst.label_names({"labels": None, "detoxify": None}) == []
+
+
+def test_bad_detoxify_value_is_a_reject():
+    row = json.loads(DETOX.read_text().splitlines()[1])  # d1-a1
+    row["detoxify"] = ["not", "an", "object"]
+    out = convert_rows(oasst, settings(label="detoxify.toxicity"), [{"file": "x.jsonl", "line": 1, "text": json.dumps(row), "error": None}])
+    assert [(o["record_id"], o["reason"], o["detail"]) for o in out] == [
+        ("d1-a1", "wrong_type", "field 'detoxify' should be an object, got list")]
+
+
+def test_unknown_detoxify_key_refused_by_settings():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="label 'detoxify.toxicty' is not a Detoxify score; one of: detoxify.toxicity,"):
+        settings(label="detoxify.toxicty")
+    assert settings(label="detoxify.sexual_explicit").label == "detoxify.sexual_explicit"
+
+
+def test_check_counts_names_the_labels_present():
+    s = settings(label="toxicty")
+    counts = {"used": 3, "rejected": 1164, "labels": {"toxicity": 900, "helpfulness": 800, "detoxify.insult": 10}}
+    with pytest.raises(InputError) as e:
+        oasst.check_counts(s, counts)
+    assert str(e.value) == (
+        "source 'oasst': label 'toxicty' occurs in none of the 1,167 messages of unused; "
+        "labels present: detoxify.insult, helpfulness, toxicity"
+    )
+    oasst.check_counts(settings(label="toxicity"), counts)  # present: no error
+    oasst.check_counts(settings(label="rank"), {"used": 0, "rejected": 5, "labels": {}})  # rank: never checked
+    oasst.check_counts(s, {"used": 0, "rejected": 0, "labels": {}})  # no messages: nothing to check
+    with pytest.raises(InputError, match="labels present: none"):
+        oasst.check_counts(settings(label="detoxify.toxicity"), {"used": 0, "rejected": 2, "labels": {}})
+
+
+def test_real_export_excerpt_detoxify(shared_data):
+    """The 2 real records of the 2023-04-12 messages export: a root prompt and its rank-0 reply."""
+    path = shared_data / "oasst" / "oasst1_messages_excerpt_2records.jsonl"
+    records = list(iter_records(str(path)))
+    s = oasst.resolve(settings(label="detoxify.toxicity"), records[0]["text"])
+    assert s.shape == "messages"
+    items = {i["record_id"]: i["data"] for r in records for i in oasst.parse(r, s)}
+    reply, root = items["c8e83833-ecbc-44fe-b6db-735228c25a1c"], items["6ab24d72-0181-4594-a9cd-deaf170242fb"]
+    assert reply["score"] == 0.00026396565954200923 and root["score"] == 0.00044308538781479
+    assert "detoxify.toxicity" in reply["label_names"] and "helpfulness" in reply["label_names"]
+    assert len([n for n in reply["label_names"] if n.startswith("detoxify.")]) == 7
+    # one scored reply is not a pair: both messages are rejects, accounted once each
+    out = convert_rows(oasst, s, records)
+    assert reasons(out) == {"6ab24d72-0181-4594-a9cd-deaf170242fb": "fewer_than_two_responses",
+                            "c8e83833-ecbc-44fe-b6db-735228c25a1c": "fewer_than_two_responses"}
+    human = [i["data"] for r in records for i in oasst.parse(r, settings(label="toxicity", shape="messages"))]
+    assert [d["score"] for d in human] == [0.16666666666666666, 0.375]

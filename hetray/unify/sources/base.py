@@ -17,8 +17,14 @@ An adapter is one module in ``hetray.unify.sources`` with:
     True when the items of one group can come from different input records (flat OASST
     messages, WinoBias pro/anti files): the stage then groups them with a Ray Data shuffle.
     False when a group never spans input records (an OASST tree per line): grouped per batch.
+``check_counts(s, counts)`` (optional)
+    after the stage's single pass, the source's counts (``pairs``, ``used``, ``rejected``,
+    ``reasons``, ``labels``) -> raise InputError when they show a misconfiguration, e.g. a
+    configured label that no record carries. ``labels`` tallies ``LABEL_NAMES``: an item's
+    ``data`` may list under that key the label names its record has; the stage counts them
+    per source (``tally_label_names``) and drops them before the shuffle.
 
-Both functions are pure: no Ray, no I/O. ``convert_rows`` below runs an adapter over plain
+The functions are pure: no Ray, no I/O. ``convert_rows`` below runs an adapter over plain
 rows exactly as the Ray stage does, for tests and for small inputs.
 """
 
@@ -45,6 +51,19 @@ class SourceSettings(Strict):
     limit: int | None = Field(
         default=None, ge=1, description="read at most this many records per file (for smoke runs)"
     )
+
+
+LABEL_NAMES = "label_names"  # optional key of an item's data: the label names its record carries
+
+
+def tally_label_names(records: Iterable[dict]) -> dict[str, int]:
+    """Label name -> number of items that carry it; removes ``LABEL_NAMES`` from their data."""
+    tally: dict[str, int] = {}
+    for rec in records:
+        if rec["kind"] == ITEM:
+            for name in set(rec["data"].pop(LABEL_NAMES, None) or ()):
+                tally[name] = tally.get(name, 0) + 1
+    return tally
 
 
 def decode_json(row: dict, source: str) -> tuple[dict | None, dict | None]:

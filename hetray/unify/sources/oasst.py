@@ -10,10 +10,12 @@
   else messages. ``resolve`` fixes it from the first record so the stage can skip the shuffle.
 
 A node / message has ``message_id``, ``text``, ``role`` (``prompter`` | ``assistant``), ``lang``,
-``review_result``, ``deleted``, ``synthetic``, ``rank`` (0 = best sibling), ``labels`` and, in
-the nested shapes, ``replies`` (a list of nodes; the parent is the enclosing node). ``labels``
-is ``{name: {value, count}}`` (raw export), ``{name: [...], value: [...], count: [...]}`` (hub)
-or null; ``label_value`` reads both.
+``review_result``, ``deleted``, ``synthetic``, ``rank`` (0 = best sibling), ``labels``, ``detoxify`` and,
+in the nested shapes, ``replies`` (a list of nodes; the parent is the enclosing node).
+``labels`` (human labels) is ``{name: {value, count}}`` (raw export), ``{name: [...], value:
+[...], count: [...]}`` (hub) or null; ``label_value`` reads both. ``detoxify`` (Detoxify model
+scores, e.g. ``{"toxicity": 0.00038, "insult": ...}``) is an object of numbers or null in both
+the export and the hub table; ``detoxify_value`` reads it.
 
 **Unit of accounting: the message.** ``parse`` emits one item per message (a tree line is
 flattened), grouped by tree (``message_tree_id``, else the root's ``message_id``). ``combine``
@@ -21,9 +23,10 @@ sees a whole tree; every message ends in exactly one pair's provenance
 ``[prompter_id, chosen_id, rejected_id]`` or in exactly one reject.
 
 **Pairs.** Every prompter message (root or follow-up) is a prompt candidate. Its eligible
-replies are scored by ``label``: ``rank`` reads the ``rank`` field, any other name the value of
-that label. ``direction`` says which is better (``auto``: lower for ``LOWER_IS_BETTER``, else
-higher). The best reply is chosen, the worst rejected (equal scores: smallest ``message_id``
+replies are scored by ``label``: ``rank`` reads the ``rank`` field, ``detoxify.KEY`` (KEY one of
+``DETOXIFY_KEYS``) the message's Detoxify score, any other name the value of that human label.
+``direction`` says which is better (``auto``: lower for ``LOWER_IS_BETTER`` and every Detoxify
+score, else higher). The best reply is chosen, the worst rejected (equal scores: smallest ``message_id``
 wins); ``quality = |best - worst|``, ``chosen_score`` / ``rejected_score`` are the raw values.
 The prompt is the prompter's text; with ``thread_context`` the whole thread from the root down
 to that prompter message, HH-RLHF style, without leading whitespace::
@@ -42,7 +45,8 @@ to that prompter message, HH-RLHF style, without leading whitespace::
   ``thread_context``, a prompter with a missing ancestor); ``parent_not_prompter``: an
   assistant reply to an assistant message; ``parent_skipped``: a reply whose prompter message
   was rejected (or, with ``thread_context``, a prompter with a filtered ancestor);
-* ``missing_score``: an assistant reply without the label (or rank);
+* ``missing_score``: an assistant reply without the human label (or rank);
+  ``missing_detoxify``: the same for a ``detoxify.KEY`` label (``detoxify`` null, or no KEY);
 * ``fewer_than_two_responses``: a prompter with fewer than two scored eligible replies (also
   a prompter with none), and that lone reply;
 * ``tie``: best and worst score equal: the prompter and all its replies;
@@ -50,6 +54,12 @@ to that prompter message, HH-RLHF style, without leading whitespace::
 
 An assistant message that is the parent of a follow-up prompter is counted once, as a reply to
 its own parent.
+
+**A label nobody has is an error.** Each parsed message's item carries ``label_names`` (the human
+labels and ``detoxify.KEY`` scores it has); the stage tallies them per source during its one pass
+(``hetray.unify.convert``), and ``check_counts`` fails the stage when the configured label
+(not ``rank``) occurs on no message of the source: a misspelt label gives an error naming the
+labels that are there, not zero pairs.
 """
 
 from __future__ import annotations
@@ -59,16 +69,23 @@ import math
 from collections import defaultdict
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from hetray.schema import item, pair, record_id, reject
-from hetray.unify.sources.base import SourceSettings, decode_json, require_str
+from hetray.unify.sources.base import LABEL_NAMES, SourceSettings, decode_json, require_str
+from hetray.unify.sources.readers import InputError
 
 # Labels where a lower value is better; every other OASST label is higher-is-better.
 LOWER_IS_BETTER = {
     "rank", "spam", "fails_task", "lang_mismatch", "pii", "not_appropriate", "hate_speech",
     "sexual_content", "toxicity", "violence",
 }
+# The scores of the Detoxify "unbiased" model that the OASST1 export carries in `detoxify`;
+# all are harms, so lower is better.
+DETOXIFY = "detoxify."
+DETOXIFY_KEYS = (
+    "toxicity", "severe_toxicity", "obscene", "identity_attack", "insult", "threat", "sexual_explicit",
+)
 ROLES = ("prompter", "assistant")
 SPEAKER = {"prompter": "Human", "assistant": "Assistant"}
 
@@ -80,15 +97,28 @@ class Settings(SourceSettings):
         description="trees: one {message_tree_id, prompt: node} a line; nested: one root node "
         "a line; messages: flat records with parent_id (raw export or hub table); auto: detect",
     )
-    label: str = Field(default="rank", description="score used to rank replies: `rank` or a label name")
+    label: str = Field(
+        default="rank",
+        description="score used to rank replies: `rank`, a human label name (toxicity, quality, ...) "
+        "or a Detoxify score `detoxify.KEY` (toxicity, severe_toxicity, obscene, identity_attack, "
+        "insult, threat, sexual_explicit); a label that no message has fails the stage",
+    )
     direction: Literal["auto", "lower", "higher"] = Field(
-        default="auto", description="which score is better; auto: lower for rank/toxicity/..."
+        default="auto", description="which score is better; auto: lower for rank/toxicity/detoxify.*/..."
     )
     lang: list[str] | None = Field(default=None, description="keep only these languages (None: all)")
     thread_context: bool = Field(default=False, description="prompt = whole thread up to the prompter message")
     skip_deleted: bool = True
     skip_review_failed: bool = True
     skip_synthetic: bool = True
+
+    @field_validator("label")
+    @classmethod
+    def _known_detoxify_key(cls, label: str) -> str:
+        if label.startswith(DETOXIFY) and label[len(DETOXIFY):] not in DETOXIFY_KEYS:
+            keys = ", ".join(DETOXIFY + k for k in DETOXIFY_KEYS)
+            raise ValueError(f"label {label!r} is not a Detoxify score; one of: {keys}")
+        return label
 
 
 # ---------------------------------------------------------------------------- shapes and labels
@@ -145,6 +175,41 @@ def label_value(labels, name: str) -> float | None:
     return _number(entry.get("value"), f"label '{name}'")
 
 
+def detoxify_value(detoxify, key: str) -> float | None:
+    """The Detoxify score ``key`` of a message's ``detoxify`` object; None when it is null or
+    lacks ``key``. Raises ValueError when ``detoxify`` is not an object or the score not a number."""
+    if detoxify is None:
+        return None
+    if not isinstance(detoxify, dict):
+        raise ValueError(f"field 'detoxify' should be an object, got {type(detoxify).__name__}")
+    return _number(detoxify.get(key), f"detoxify score '{key}'")
+
+
+def label_names(obj: dict) -> list[str]:
+    """The labels a message carries: human label names and ``detoxify.KEY`` for each non-null
+    Detoxify score. Never raises (a malformed ``labels`` just has no names)."""
+    names: list[str] = []
+    labels = obj.get("labels")
+    if isinstance(labels, dict):
+        if isinstance(labels.get("name"), list):  # hub form
+            names = [n for n in labels["name"] if isinstance(n, str)]
+        else:
+            names = [n for n, entry in labels.items() if entry is not None]
+    detoxify = obj.get("detoxify")
+    if isinstance(detoxify, dict):
+        names += [DETOXIFY + k for k, v in detoxify.items() if v is not None]
+    return names
+
+
+def score_of(obj: dict, label: str) -> float | None:
+    """The score ``label`` gives a message (rank, Detoxify score or human label); None: missing."""
+    if label == "rank":
+        return _number(obj.get("rank"), "field 'rank'")
+    if label.startswith(DETOXIFY):
+        return detoxify_value(obj.get("detoxify"), label[len(DETOXIFY):])
+    return label_value(obj.get("labels"), label)
+
+
 # ---------------------------------------------------------------------------- parse
 
 
@@ -172,12 +237,11 @@ def _message(obj: dict, row: dict, s: Settings, fallback_id: str):
     if data["lang"] is not None and not isinstance(data["lang"], str):
         return no("wrong_type", f"field 'lang' should be a string, got {data['lang']!r}")
     try:  # only the configured score is read: other labels may be anything
-        data["score"] = (
-            _number(obj.get("rank"), "field 'rank'") if s.label == "rank"
-            else label_value(obj.get("labels"), s.label)
-        )
+        data["score"] = score_of(obj, s.label)
     except ValueError as e:
         return no("wrong_type", str(e))
+    if s.label != "rank":  # tallied by the stage: a label that no message has is an error
+        data[LABEL_NAMES] = label_names(obj)
     data["id"] = data.pop("message_id")
     return data, None
 
@@ -322,12 +386,16 @@ def combine(items: list[dict], s: Settings) -> list[dict]:
             fate[mid] = ("parent_not_prompter", f"parent {parent['id']} is an assistant message")
         elif parent["id"] in fate:
             fate[mid] = ("parent_skipped", f"parent {parent['id']} was rejected: {fate[parent['id']][0]}")
+        elif m["score"] is None and s.label.startswith(DETOXIFY):
+            fate[mid] = ("missing_detoxify", f"no Detoxify score '{s.label[len(DETOXIFY):]}'")
         elif m["score"] is None:
             fate[mid] = ("missing_score", f"no value for '{s.label}'")
         else:
             replies[parent["id"]].append(m)
 
-    lower = s.direction == "lower" or (s.direction == "auto" and s.label in LOWER_IS_BETTER)
+    lower = s.direction == "lower" or (
+        s.direction == "auto" and (s.label in LOWER_IS_BETTER or s.label.startswith(DETOXIFY))
+    )
     sign = 1.0 if lower else -1.0  # after the sign, smaller is better
     pairs = []
     for pid in prompters:
@@ -369,3 +437,22 @@ def combine(items: list[dict], s: Settings) -> list[dict]:
 def needs_shuffle(s: Settings) -> bool:
     # A tree line holds all its messages; flat messages of one tree may sit in different files.
     return s.shape in ("messages", "auto")
+
+
+def check_counts(s: Settings, counts: dict) -> None:
+    """After the stage's pass: fail when the configured label occurs on no message of the source.
+
+    ``counts`` is the source's tally from the stage (``used``, ``rejected``, ``labels``: label
+    name -> messages that have it). ``rank`` is not checked (a missing rank is ordinary), nor is a
+    source with no records. Raises InputError naming the source, the label and the labels present.
+    """
+    n = counts.get("used", 0) + counts.get("rejected", 0)
+    present = counts.get("labels", {})
+    if s.label == "rank" or n == 0 or present.get(s.label, 0) > 0:
+        return
+    where = s.path if isinstance(s.path, str) else ", ".join(s.path)
+    names = ", ".join(sorted(present)) or "none (no message has labels or Detoxify scores)"
+    raise InputError(
+        f"source {s.name!r}: label {s.label!r} occurs in none of the {n:,} messages of {where}; "
+        f"labels present: {names}"
+    )

@@ -29,7 +29,8 @@ BATCH_LINES = 4096
 
 
 class InputError(ValueError):
-    """A problem with an input that is found before any work starts."""
+    """A problem with an input: found before any work starts, or (a label that no record has)
+    from the counts of the convert pass, before anything is committed."""
 
 
 def expand_paths(path: str | os.PathLike | list) -> list[str]:

@@ -20,6 +20,12 @@ null. Record ids are ``file:line`` (a sentid need not be unique); provenance = [
 Rejects: ``bad_sentid``, ``neutral_pronoun``, ``unknown_occupation``, ``no_stereotype``,
 ``unpaired``, ``identical_sentences``, ``duplicate_sentid`` (a group holds two sentences of the
 same gender: all of them), and the shared JSON/field reasons.
+
+On the full dataset (rudinger/winogender-schemas ``data/``: 720 sentences = 120 templates x
+{participant, "someone"} x {male, female, neutral}) with the default margin: 224 pairs (448
+sentences), 240 ``neutral_pronoun`` and 32 ``no_stereotype`` (administrator, appraiser,
+investigator, salesperson: 8 gendered sentences each). The pro/anti side is the pronoun's gender
+against the occupation's, whichever referent (``answer``) the sentence has.
 """
 
 from __future__ import annotations
