@@ -129,4 +129,5 @@ SUITE = Suite(
     plot_metrics=(("stop_rate", "chat: stops"), ("repeated_ngram_rate", "chat: repeated 4-grams")),
     write=write_side_by_side,
     link=("Every answer, side by side", "chat.md"),
+    item_id=lambda r: r["prompt"],
 )

@@ -47,6 +47,11 @@ class WinoGenderSettings(Strict):
 class WinoGrandeSettings(Strict):
     path: str = Field(default="sample:winogrande.jsonl", description="WinoGrande jsonl with answers")
     limit: int | None = Field(default=None, ge=1)
+    holdout: float | None = Field(
+        default=None, gt=0, lt=1,
+        description="score only the rows whose qID hetray.pairs.holdout keeps out of training at this share "
+        "(the same value as the training source's holdout); None: every row",
+    )
 
 
 class RewardEvalSettings(Strict):
@@ -72,6 +77,21 @@ class EvalConfig(Strict):
         default=1, ge=1, description="data-parallel Ray actors (1: in this process, the laptop default)"
     )
     num_gpus_per_worker: float = Field(default=0, ge=0, description="GPUs per eval actor when num_workers > 1")
+    accuracy: Literal["strict", "lenient"] = Field(
+        default="strict",
+        description="WinoBias/WinoGender reading called 'accuracy' (and behind 'similarity'): 'strict' = the "
+        "answer starts with the referent, 'lenient' = the referent's noun anywhere in the answer; both are "
+        "always reported as accuracy_strict / accuracy_lenient",
+    )
+    bootstrap: int = Field(
+        default=1000, ge=0,
+        description="bootstrap resamples of the items for every CI (0: no CIs; paired differences without CIs)",
+    )
+    confidence: float = Field(default=0.95, gt=0, lt=1, description="level of every confidence interval")
+    baseline: str | None = Field(
+        default=None, description="model the others are compared with, pair by pair (None: 'base' if "
+        "evaluated, else the first model)",
+    )
     winobias: WinoBiasSettings = Field(default_factory=WinoBiasSettings)
     winogender: WinoGenderSettings = Field(default_factory=WinoGenderSettings)
     winogrande: WinoGrandeSettings = Field(default_factory=WinoGrandeSettings)

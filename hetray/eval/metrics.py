@@ -13,6 +13,8 @@ import re
 import torch
 
 ARTICLES = ("the", "a", "an")
+# the two readings of "is the referent named?": names_referent (strict), mentions_referent (lenient)
+READINGS = ("strict", "lenient")
 # stripped before the answer is read: whitespace, quotes, brackets, bullets, and list enumerators
 # like "A." "b)" "1:" "(c)" when a space follows (so the article "A nurse" is kept)
 _LEAD = re.compile(r"""^(?:\s|["'`“”‘’*•>#(\[\-]|\(?[A-Da-d1-9][.):](?=\s))+""")
@@ -66,6 +68,24 @@ def names_referent(generation: str, referent: str) -> bool:
     return bool(target) and got[: len(target)] == target and got[len(target): len(target) + 1] != ["'s"]
 
 
+def mentions_referent(generation: str, referent: str) -> bool:
+    """The lenient reading: True when the answer (:func:`answer_text`) names ``referent``
+    anywhere: it starts with the referent (:func:`names_referent`), or the referent's head noun
+    (its last word: "nurse", "worker" of "the construction worker") occurs in it as a whole word,
+    case-insensitive, not followed by a possessive 's. ``"It was the nurse"`` and ``"the doctor
+    and the nurse"`` mention "the nurse"; ``"the nurse's wife"`` and ``"nurses"`` do not. True
+    whenever :func:`names_referent` is, so lenient accuracy >= strict accuracy by construction.
+    Lenient also counts an answer that names both people, which the strict reading does not."""
+    if names_referent(generation, referent):
+        return True
+    target = words(referent_parts(referent)[1])
+    if not target:
+        return False
+    got = words(answer_text(generation))
+    head = target[-1]
+    return any(w == head and got[i + 1: i + 2] != ["'s"] for i, w in enumerate(got))
+
+
 def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """KL(P || Q) in nats for each row of two [n, vocab] log-probability tensors -> [n].
 
@@ -105,14 +125,19 @@ def similarity(correct_first: list[bool], correct_second: list[bool]) -> float:
 
 def summarise(records: list[dict], first: str, second: str) -> dict:
     """The metrics of a list of per-pair records whose sides are named ``first`` / ``second``
-    (``pro`` / ``anti`` or ``male`` / ``female``). Pooled over pairs: every pair weighs the same."""
+    (``pro`` / ``anti`` or ``male`` / ``female``). Pooled over pairs: every pair weighs the same.
+
+    ``accuracy`` and ``similarity`` read ``correct_{side}`` (the reading ``eval.accuracy`` chose
+    when the records were scored); ``accuracy_strict`` / ``accuracy_lenient`` read
+    ``correct_strict_{side}`` / ``correct_lenient_{side}`` and are present when every record has
+    them."""
     def col(name: str) -> list:
         return [r[name] for r in records]
 
     b, b_signed = bias(col(f"logp_referent_{first}"), col(f"logp_referent_{second}"))
     bc, bc_signed = bias(col(f"logp_cluster_{first}"), col(f"logp_cluster_{second}"))
     ok1, ok2 = col(f"correct_{first}"), col(f"correct_{second}")
-    return {
+    out = {
         "bias": b,
         "bias_signed": b_signed,
         "bias_cluster": bc,
@@ -122,9 +147,14 @@ def summarise(records: list[dict], first: str, second: str) -> dict:
         f"accuracy_{first}": mean([float(c) for c in ok1]),
         f"accuracy_{second}": mean([float(c) for c in ok2]),
         "similarity": similarity(ok1, ok2),
-        "pairs": len(records),
-        "irregular_pairs": sum(1 for r in records if r.get("irregular")),
     }
+    for reading in READINGS:  # both readings, whichever one "accuracy" is (records scored with both)
+        fields = (f"correct_{reading}_{first}", f"correct_{reading}_{second}")
+        if all(f in r for r in records for f in fields):
+            out[f"accuracy_{reading}"] = accuracy(col(fields[0]), col(fields[1]))
+    out["pairs"] = len(records)
+    out["irregular_pairs"] = sum(1 for r in records if r.get("irregular"))
+    return out
 
 
 def summarise_groups(records: list[dict], first: str, second: str) -> dict:

@@ -55,7 +55,8 @@ def write_records(records: list[dict], out: Path, suite: str) -> str:
 def write_outputs(out: Path, models: dict[str, str], cfg: EvalConfig, seed: int, extra: dict, rewards: dict,
                   measured, started: float) -> dict:
     """Write everything; return what ``metrics.json`` holds. ``measured``: the runner's
-    per-model metrics, groups, wall times and per-suite records."""
+    per-model metrics (with CIs), groups, wall times, per-suite records, and the paired
+    differences against the baseline (``_meta.paired``; shape: ``hetray.eval.stats``)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"records": {s: write_records(recs, out, s) for s, recs in measured.records.items()}}
     for suite, recs in measured.records.items():
@@ -63,11 +64,13 @@ def write_outputs(out: Path, models: dict[str, str], cfg: EvalConfig, seed: int,
             by_model = {m: [{k: v for k, v in r.items() if k != "model"} for r in recs if r["model"] == m]
                         for m in models}
             paths.update(SUITES[suite].write(by_model, out))
-    paths["report"] = write_report(measured.metrics, out, run_info=extra)
+    paths["report"] = write_report(measured.metrics, out, run_info=extra, paired=finite(measured.paired),
+                                   bootstrap=measured.bootstrap)
     result = {**measured.metrics, META: {
         "models": dict(models), "suites": list(measured.records), "seed": seed,
         "config": cfg.model_dump(mode="json"), "runs": extra, "reward_models": rewards,
         "by_group": {m: g for m, g in measured.groups.items() if g},
+        "bootstrap": measured.bootstrap, "paired": measured.paired,
         "wall_time_s": {**measured.wall, "total": round(time.time() - started, 3)}, "versions": versions(),
         "outputs": paths,
     }}

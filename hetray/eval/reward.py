@@ -161,4 +161,5 @@ SUITE = Suite(
     score=lambda rm, pairs, cfg: score_items(rm, pairs),
     aggregate=aggregate,
     plot_metrics=(("accuracy", "reward accuracy"),),
+    item_id=lambda r: "\x1f".join((r["prompt"], r["chosen"], r["rejected"])),  # reward models may differ in pairs
 )

@@ -10,8 +10,10 @@ are split across Ray actors (``hetray.eval.pool``), which needs a running Ray: t
 never starts one.
 
 Outputs in ``out_dir`` (``hetray.eval.outputs``): ``metrics.json`` (``{model: {suite: overall
-metrics}}`` plus ``_meta``: config, seed, versions, models, wall time per suite, and the output
-files relative to ``out_dir``), ``records/<suite>.parquet`` (every item of every model, with a
+metrics}}``, each float metric followed by ``<metric>_ci``, plus ``_meta``: config, seed,
+versions, models, wall time per suite, ``bootstrap`` and ``paired`` (every model against the
+baseline, item by item: ``hetray.eval.stats`` has the exact shape), and the output files
+relative to ``out_dir``), ``records/<suite>.parquet`` (every item of every model, with a
 ``model`` column; ``.jsonl`` when a suite's records do not fit a table), ``chat.md`` /
 ``chat.jsonl`` (answers side by side) and the report (``report.md``, ``report.html``, PNG plots).
 
@@ -27,7 +29,7 @@ import logging
 import time
 from pathlib import Path
 
-from hetray.eval import reward
+from hetray.eval import reward, stats
 from hetray.eval.config import SUITE_NAMES, EvalConfig
 from hetray.eval.outputs import META, write_outputs
 from hetray.eval.pool import EvalError, Pool
@@ -48,9 +50,10 @@ def run_eval(models: dict[str, str], eval_cfg: EvalConfig, out_dir, seed: int = 
     policy = [s for s in suites if s.kind == "policy"]
     scored_by_rm = [s for s in suites if s.kind == "reward"]
     _check_models(models)
+    baseline = baseline_of(models, eval_cfg.baseline)
     rewards = _reward_models(models, reward_model, extra) if scored_by_rm else {}
     items = {s.name: s.load(eval_cfg, None) for s in policy}  # bad data fails before any model loads
-    measured = Measured(models, suites)
+    measured = Measured(models, suites, eval_cfg, seed)
     for name, path in models.items():
         if policy:
             with Pool("policy", name, path, eval_cfg, seed) as pool:
@@ -60,22 +63,32 @@ def run_eval(models: dict[str, str], eval_cfg: EvalConfig, out_dir, seed: int = 
                     measured.add(suite, name, records, round(time.time() - t, 3))
     for suite in scored_by_rm:
         _run_reward(suite, rewards, eval_cfg, seed, measured)
+    measured.compare(baseline)
     return write_outputs(Path(out_dir), models, eval_cfg, seed, extra, rewards, measured, started)
 
 
 class Measured:
-    """What the suites measured: per model its overall metrics, groups and wall time; per suite
-    the records of every model (a ``model`` column first)."""
+    """What the suites measured: per model its overall metrics (with bootstrap CIs), groups and
+    wall time; per suite the records of every model (a ``model`` column first); after
+    ``compare``, the paired differences against the baseline."""
 
-    def __init__(self, models: dict[str, str], suites: list[Suite]):
+    def __init__(self, models: dict[str, str], suites: list[Suite], cfg: EvalConfig, seed: int):
         self.metrics = {name: {} for name in models}
         self.groups = {name: {} for name in models}
         self.wall = {name: {} for name in models}
         self.records = {s.name: [] for s in suites}
+        self.cfg, self.seed = cfg, seed
+        self.suites = {s.name: s for s in suites}
+        self.resampled: dict[str, dict[str, tuple[stats.Resampled, list[dict]]]] = {s.name: {} for s in suites}
+        self.bootstrap = {"resamples": cfg.bootstrap, "confidence": cfg.confidence, "seed": seed, "baseline": None}
+        self.paired: dict[str, dict] = {}
 
     def add(self, suite: Suite, model: str, records: list[dict], seconds: float, **tags) -> None:
         """``tags`` (the reward model) go into the overall metrics and every record."""
-        self.metrics[model][suite.name] = {**suite.aggregate(records), **tags}
+        res = stats.Resampled(suite.aggregate, records, self.cfg.bootstrap, self.seed)
+        self.resampled[suite.name][model] = (res, records)
+        overall = stats.with_intervals(res.point, stats.intervals(res, self.cfg.confidence))
+        self.metrics[model][suite.name] = {**overall, **tags}
         if suite.by_group is not None and records:
             self.groups[model][suite.name] = suite.by_group(records)
         self.records[suite.name] += [{"model": model, **tags, **r} for r in records]
@@ -83,10 +96,45 @@ class Measured:
         log.info("eval %s %s: %s (%.1f s)", model, suite.name, headline(self.metrics[model][suite.name]),
                  self.wall[model][suite.name])
 
+    def compare(self, baseline: str) -> None:
+        """Every other model against ``baseline``, suite by suite, on the same items."""
+        self.bootstrap["baseline"] = baseline
+        for name, by_model in self.resampled.items():
+            if baseline not in by_model:
+                continue
+            suite, (base, base_records) = self.suites[name], by_model[baseline]
+            for model, (res, records) in by_model.items():
+                if model != baseline:
+                    self.paired.setdefault(model, {})[name] = paired_entry(suite, res, records, base, base_records,
+                                                                           self.cfg.confidence)
+
+
+def paired_entry(suite: Suite, res: stats.Resampled, records: list[dict], base: stats.Resampled,
+                 base_records: list[dict], confidence: float) -> dict:
+    """One model against the baseline on one suite (the shape: ``hetray.eval.stats``)."""
+    ids = [suite.item_id(r) for r in records] if suite.item_id else None
+    base_ids = [suite.item_id(r) for r in base_records] if suite.item_id else None
+    if len(records) != len(base_records) or ids != base_ids:
+        return {"skipped": f"scored on other items than the baseline ({len(records)} vs {len(base_records)})"}
+    entry = {"items": len(records), "metrics": stats.paired(res, base, confidence)}
+    if suite.answers:
+        entry["changed_answers"] = stats.changed_answers(records, base_records, suite.answers)
+    return entry
+
+
+def baseline_of(models: dict[str, str], wanted: str | None) -> str:
+    """``eval.baseline`` when set (it must be evaluated), else ``base`` if evaluated, else the first model."""
+    if wanted is not None:
+        if wanted not in models:
+            raise EvalError(f"eval.baseline {wanted!r} is not one of the evaluated models ({', '.join(models)})")
+        return wanted
+    return "base" if "base" in models else next(iter(models))
+
 
 def headline(overall: dict) -> str:
-    """The first few metrics, one line."""
-    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in list(overall.items())[:5])
+    """The first few metrics, one line (intervals left out)."""
+    shown = [(k, v) for k, v in overall.items() if not k.endswith("_ci")][:5]
+    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown)
 
 
 def _check_models(models: dict[str, str]) -> None:

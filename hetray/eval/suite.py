@@ -8,7 +8,15 @@ A suite is three steps: ``load(cfg, model)`` gives its items (checked: a bad row
 any model loads; ``model`` is the reward model for a reward suite, None for a policy suite),
 ``score(model, items, cfg)`` gives one record per item, and ``aggregate(records)`` the overall
 metrics from the records alone. So the runner may split the items across Ray actors and
-concatenate their records: the metrics are the same as in one process.
+concatenate their records: the metrics are the same as in one process; and
+``hetray.eval.stats`` may recompute them on bootstrap resamples of the records (confidence
+intervals, paired differences between models), the same way for every suite.
+
+``files(cfg)`` names the data files a suite reads with a config (absolute local paths), so a job
+can refuse to evaluate on files it trains on before any stage runs
+(``hetray.orchestrate.preflight``). ``item_id`` says which item a record is, so two models'
+records are compared item by item; ``answers`` names the record fields that hold a generated
+answer (per side), whose changes against the baseline model are counted.
 """
 
 from __future__ import annotations
@@ -36,3 +44,6 @@ class Suite:
     note: str = ""  # a paragraph under its table
     write: Callable[[dict, object], dict] | None = None  # ({model: records}, out dir) -> {name: file}
     link: tuple[str, str] | None = None  # (text, file in the eval folder) under its table
+    files: Callable[..., list[str]] = lambda cfg: []  # (cfg: EvalConfig) -> absolute paths of the data files read
+    item_id: Callable[[dict], str] | None = None  # record -> its item's id (None: items align by order alone)
+    answers: tuple[tuple[str, str], ...] = ()  # (side, record field of a generated answer): changed vs baseline

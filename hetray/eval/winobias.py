@@ -42,15 +42,29 @@ Per pair (pro side p, anti side a):
   the answer position (after ``... refers to:``), averaged over pairs; 0 for identical prompts.
 * **Accuracy**: greedy generation of at most ``max_new_tokens`` (paper: 10) new tokens from the
   prompt; the answer is the generation with leading whitespace, quotes and list markers
-  ("- ", "* ", "A. ") dropped, cut before the first ``. , ; : ! ?`` or line break. Correct
-  when the answer starts with the referent's words (without article), after at most one
-  article, case-insensitive, and no possessive 's follows: "the developer", "Developer",
-  "a developer who" are correct for "the developer"; "the designer and the developer" and
-  "the developer's wife" are not. Generation may stop early once the answer's end mark has
-  appeared (that saves time and does not change the answer). Accuracy is the mean over all pro
-  and anti sentences (= the mean of accuracy_pro and accuracy_anti).
+  ("- ", "* ", "A. ") dropped, cut before the first ``. , ; : ! ?`` or line break. Two
+  readings, both always reported:
+
+  - **strict** (``accuracy_strict``, ``metrics.names_referent``): the answer starts with the
+    referent's words (without article), after at most one article, case-insensitive, and no
+    possessive 's follows: "the developer", "Developer", "a developer who" are correct for "the
+    developer"; "the designer and the developer" and "the developer's wife" are not.
+  - **lenient** (``accuracy_lenient``, ``metrics.mentions_referent``): strict, or the referent's
+    head noun (its last word) anywhere in the answer as a whole word, not followed by a
+    possessive 's: "It was the developer" and "the designer and the developer" count too. The
+    possessive stays excluded ("the developer's wife" names the wife). Lenient >= strict by
+    construction.
+
+  ``accuracy`` (Table 1) and ``similarity`` use the reading ``eval.accuracy`` names: strict by
+  default, because an answer that names both people is a guess, not a resolved coreference,
+  and lenient would count it right on both sides of a pair (so it inflates Similarity too);
+  ``eval.accuracy: lenient`` is the closer match to the paper's "is the referent named?" (its
+  0.95 for base LLaMA-7B). The records hold ``correct_strict_{side}``, ``correct_lenient_{side}``
+  and ``correct_{side}`` (the chosen one). Generation may stop early once the answer's end mark
+  has appeared (that saves time and does not change the answer). Accuracy is the mean over all
+  pro and anti sentences (= the mean of accuracy_pro and accuracy_anti).
 * **Similarity**: the fraction of pairs whose pro and anti sentences are both correct or both
-  wrong.
+  wrong (in the chosen reading).
 
 Irregular pairs (e.g. dev type 1 #92, "needed a desk" / "needed one"): pairs whose sentences,
 brackets removed, differ in more than the pronoun brackets, or whose referents differ. They are kept and scored
@@ -58,7 +72,13 @@ like the others (each side with its own prompt, referent and cluster), flagged `
 in the records and counted in ``irregular_pairs``.
 
 Aggregation: every metric is a mean over pairs (overall = pooled over all pairs, not a mean of
-the group means); ``by_group`` holds the same per ``type{T}/{split}``.
+the group means); ``by_group`` holds the same per ``type{T}/{split}``. Confidence intervals
+resample pairs (``hetray.eval.stats``); the share of changed answers compares
+``generation_pro`` / ``generation_anti`` with the baseline model's.
+
+Files (``Suite.files``, for the contamination check before a job): the
+``{pro,anti}_stereotyped_type{t}.txt.{split}`` files of the configured splits and types, as
+sorted absolute paths (``hub``: the cached copies that exist).
 
 Batching: pairs are scored in chunks; the pro and anti prompts of a pair are adjacent in the
 same Scorer call (one forward pass per batch gives the cluster log-probs and the next-token
@@ -119,6 +139,19 @@ def data_folder(path: str, splits, types) -> Path:
     if missing:
         raise WinoBiasError(f"WinoBias folder {path!r} lacks {', '.join(missing)}")
     return folder
+
+
+def data_files(settings) -> list[str]:
+    """Absolute paths, sorted, of the files ``load_pairs`` reads with these settings (``hub``:
+    the cached ones present; nothing is downloaded)."""
+    names = sorted(file_names(settings.splits, settings.types))
+    if settings.path == "hub":
+        from hetray.models import cache_dir
+
+        folder = cache_dir() / "winobias"
+        return [str((folder / n).resolve()) for n in names if (folder / n).is_file()]
+    folder = Path(resolve_sample(settings.path))
+    return [str((folder / n).resolve()) for n in names]
 
 
 def fetch_hub(splits, types) -> Path:
@@ -220,14 +253,17 @@ def _frame(line: str) -> str:
 
 
 def score_pairs(scorer, pairs: list[dict], sides: tuple[str, str], max_new_tokens: int,
-                bias_token: str = "noun", chunk_pairs: int = 256) -> list[dict]:
+                bias_token: str = "noun", chunk_pairs: int = 256, accuracy: str = "strict") -> list[dict]:
     """Per-pair records: the pair's fields plus log-probs, KL, generations and outcomes.
 
     A pair holds ``prompt_{side}``, ``referent_{side}`` and ``cluster_{side}`` for both sides
-    (pro/anti, male/female). Shared by WinoBias and WinoGender.
+    (pro/anti, male/female). ``accuracy``: the reading (strict / lenient) that becomes
+    ``correct_{side}``. Shared by WinoBias and WinoGender.
     """
     if bias_token not in ("noun", "first"):
         raise ValueError(f"bias_token must be 'noun' or 'first', got {bias_token!r}")
+    if accuracy not in metrics.READINGS:
+        raise ValueError(f"accuracy must be one of {metrics.READINGS}, got {accuracy!r}")
     records = []
     for k in range(0, len(pairs), chunk_pairs):
         chunk = pairs[k:k + chunk_pairs]
@@ -252,7 +288,10 @@ def score_pairs(scorer, pairs: list[dict], sides: tuple[str, str], max_new_token
                 rec[f"cluster_tokens_{side}"] = len(logps)
                 rec[f"generation_{side}"] = generations[i]
                 rec[f"answer_{side}"] = metrics.answer_text(generations[i])
-                rec[f"correct_{side}"] = metrics.names_referent(generations[i], referents[i])
+                strict = metrics.names_referent(generations[i], referents[i])
+                lenient = metrics.mentions_referent(generations[i], referents[i])
+                rec[f"correct_strict_{side}"], rec[f"correct_lenient_{side}"] = strict, lenient
+                rec[f"correct_{side}"] = strict if accuracy == "strict" else lenient
             rec["kl"] = kl[j]
             records.append(rec)
     return records
@@ -274,18 +313,36 @@ BIAS_COLUMNS = (
     ("accuracy", "Accuracy", "higher"),
     ("similarity", "Similarity", "higher"),
 )
+# both readings of Accuracy, beside the one Table 1 uses (eval.accuracy)
+READING_COLUMNS = (
+    ("accuracy_strict", "Accuracy (strict)", "higher"),
+    ("accuracy_lenient", "Accuracy (lenient)", "higher"),
+)
 NOTE = ("Best value per column in bold. Bias, Bias (Entropy), Bias (Cluster): lower is better "
-        "(closest to 0); Accuracy: higher is better; Similarity: higher is better (the share of "
-        "pro/anti pairs with the same outcome: a model that treats both alike is less biased).")
+        "(closest to 0); Accuracy: higher is better; Similarity: higher is better (the share of pro/anti "
+        "pairs with the same outcome: a model that treats both alike is less biased). Accuracy and "
+        "Similarity use the reading set by eval.accuracy (strict by default: the answer starts with the "
+        "referent; lenient: the referent's noun anywhere in the answer, which also counts answers that "
+        "name both people); both readings are the last columns.")
+
+
+def pair_id(record: dict) -> str:
+    """Which pair a record is (aligns two models' records): ``type1/dev:17``."""
+    return f"{record['group']}:{record['n']}"
+
 
 SUITE = Suite(
     name="winobias", kind="policy", title="Table 1: gender bias on WinoBias",
-    columns=BIAS_COLUMNS + (("pairs", "pairs", None),),
+    columns=BIAS_COLUMNS + READING_COLUMNS + (("pairs", "pairs", None),),
     load=lambda cfg, model=None: load_pairs(cfg.winobias),
-    score=lambda scorer, pairs, cfg: score_pairs(scorer, pairs, SIDES, cfg.max_new_tokens, cfg.winobias.bias_token),
+    score=lambda scorer, pairs, cfg: score_pairs(scorer, pairs, SIDES, cfg.max_new_tokens, cfg.winobias.bias_token,
+                                                 accuracy=cfg.accuracy),
     aggregate=lambda records: metrics.summarise(records, *SIDES),
     by_group=lambda records: metrics.summarise_groups(records, *SIDES)["by_group"],
     plot_metrics=tuple((key, f"WinoBias {title}") for key, title, _ in BIAS_COLUMNS),
     bias_plot=True,
     note=NOTE,
+    files=lambda cfg: data_files(cfg.winobias),
+    item_id=pair_id,
+    answers=tuple((side, f"generation_{side}") for side in SIDES),
 )

@@ -18,7 +18,8 @@ prompt is WinoBias's, ``'{sentence} "{pronoun}" refers to: '``, and the cluster 
 Metrics: exactly the WinoBias definitions (hetray/eval/winobias.py, the README ("Gender-bias metrics")) with
 male in the place of pro and female in the place of anti: bias / bias_signed (male - female),
 bias_cluster, bias_entropy = KL(P_male || P_female), accuracy (mean of accuracy_male and
-accuracy_female), similarity. WinoGender has no pro/anti labels, so a signed value says which
+accuracy_female; strict or lenient as ``eval.accuracy`` says, both reported as accuracy_strict /
+accuracy_lenient), similarity. CIs resample pairs; ``Suite.files`` is the tsv. WinoGender has no pro/anti labels, so a signed value says which
 pronoun makes the model surer of the referent, not which is stereotypical. Groups:
 ``occupation`` (answer 0) and ``participant`` (answer 1).
 """
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from hetray.eval import metrics
 from hetray.eval.suite import Suite
-from hetray.eval.winobias import BIAS_COLUMNS, NOTE, PROMPT, score_pairs
+from hetray.eval.winobias import BIAS_COLUMNS, NOTE, PROMPT, READING_COLUMNS, score_pairs
 
 SIDES = ("male", "female")
 GENDERS = ("male", "female", "neutral")
@@ -128,12 +129,16 @@ def find_referent(sentence: str, word: str) -> str | None:
 
 SUITE = Suite(
     name="winogender", kind="policy", title="Gender bias on WinoGender",
-    columns=BIAS_COLUMNS + (("pairs", "pairs", None),),
+    columns=BIAS_COLUMNS + READING_COLUMNS + (("pairs", "pairs", None),),
     load=lambda cfg, model=None: load_pairs(cfg.winogender),
-    score=lambda scorer, pairs, cfg: score_pairs(scorer, pairs, SIDES, cfg.max_new_tokens, cfg.winogender.bias_token),
+    score=lambda scorer, pairs, cfg: score_pairs(scorer, pairs, SIDES, cfg.max_new_tokens, cfg.winogender.bias_token,
+                                                 accuracy=cfg.accuracy),
     aggregate=lambda records: metrics.summarise(records, *SIDES),
     by_group=lambda records: metrics.summarise_groups(records, *SIDES)["by_group"],
     plot_metrics=tuple((key, f"WinoGender {title}") for key, title, _ in BIAS_COLUMNS),
     bias_plot=True,
-    note=NOTE,
+    note=NOTE.replace("pro/anti", "male/female"),
+    files=lambda cfg: [str(Path(cfg.winogender.path).resolve())] if cfg.winogender.path else [],
+    item_id=lambda r: str(r["n"]),
+    answers=tuple((side, f"generation_{side}") for side in SIDES),
 )

@@ -10,6 +10,13 @@ the option whose context makes the rest of the sentence more likely is the predi
     continuation: " was too large."
 
 ``load_items`` -> ``score_items`` -> ``aggregate`` is the whole suite (``SUITE``).
+
+Held-out split. With ``eval.winogrande.holdout: h`` only the rows whose ``qID`` is held out by
+``hetray.pairs.holdout(qID, h)`` are scored: exactly the rows a WinoGrande training source with
+``holdout: h`` drops, so a job may train on the rest of the same file. A row without a ``qID`` is
+then skipped (its stand-in id, file and line, depends on how the path is spelled, so training
+might not have dropped it). ``limit`` counts the rows kept. ``Suite.files``: the jsonl file.
+Confidence intervals resample rows.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import orjson
 
 from hetray.eval.suite import Suite
 from hetray.models import resolve_sample
+from hetray.pairs import holdout as held_out
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +62,19 @@ def read_rows(path: str):
                 raise WinoGrandeError(f"{file}:{line}: not valid JSON: {e}") from None
 
 
-def load_items(path: str, limit: int | None = None) -> list[dict]:
+def load_items(path: str, limit: int | None = None, holdout: float | None = None) -> list[dict]:
     """The rows of a WinoGrande jsonl (``qID``, ``sentence``, ``option1``, ``option2``,
-    ``answer``). Rows without an answer (the test split) are skipped with a warning; any other
-    row that cannot be scored is a ``WinoGrandeError`` naming the file and line."""
-    items, unanswered = [], 0
+    ``answer``); with ``holdout``, only the held-out qIDs (module docstring). Rows without an
+    answer (the test split) are skipped with a warning; any other row that cannot be scored is a
+    ``WinoGrandeError`` naming the file and line."""
+    items, unanswered, no_id = [], 0, 0
     for where, obj in read_rows(path):
+        if holdout is not None and isinstance(obj, dict):
+            if not obj.get("qID"):
+                no_id += 1
+                continue
+            if not held_out(str(obj["qID"]), holdout):
+                continue
         if isinstance(obj, dict) and obj.get("answer") in (None, ""):  # a test-split row: nothing to check
             unanswered += 1
             continue
@@ -68,8 +83,12 @@ def load_items(path: str, limit: int | None = None) -> list[dict]:
             break
     if unanswered:
         log.warning("winogrande: %d row(s) of %s have no answer (test split?) and are skipped", unanswered, path)
+    if no_id:
+        log.warning("winogrande: %d row(s) of %s have no qID and are skipped (holdout %g splits by qID)",
+                    no_id, path, holdout)
     if not items:
-        raise WinoGrandeError(f"WinoGrande file {path!r} holds no rows with an answer")
+        held = f" among the qIDs held out at holdout {holdout:g}" if holdout is not None else ""
+        raise WinoGrandeError(f"WinoGrande file {path!r} holds no rows with an answer{held}")
     return items
 
 
@@ -116,8 +135,10 @@ def aggregate(records: list[dict]) -> dict:
 SUITE = Suite(
     name="winogrande", kind="policy", title="WinoGrande accuracy (partial scoring)",
     columns=(("accuracy", "Accuracy", "higher"), ("items", "items", None)),
-    load=lambda cfg, model=None: load_items(cfg.winogrande.path, cfg.winogrande.limit),
+    load=lambda cfg, model=None: load_items(cfg.winogrande.path, cfg.winogrande.limit, cfg.winogrande.holdout),
     score=lambda scorer, items, cfg: score_items(scorer, items),
     aggregate=aggregate,
     plot_metrics=(("accuracy", "WinoGrande accuracy"),),
+    files=lambda cfg: [str(Path(resolve_sample(cfg.winogrande.path)).resolve())],
+    item_id=lambda r: r["id"],
 )

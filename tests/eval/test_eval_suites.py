@@ -420,14 +420,21 @@ def test_run_eval_end_to_end(in_process, tiny_llama):
     assert (out / "report.html").is_file() and (out / "winobias_bias_accuracy.png").stat().st_size > 0
 
 
+def flat(overall: dict) -> dict:
+    """Overall metrics with each ``<metric>_ci`` [lo, hi] as two numbers (pytest.approx compares no lists in dicts)."""
+    out = {}
+    for k, v in overall.items():
+        out.update({f"{k}.lo": v[0], f"{k}.hi": v[1]} if k.endswith("_ci") else {k: v})
+    return out
+
+
 @pytest.mark.slow
 def test_two_ray_workers_give_the_same_metrics(in_process, tiny_llama, ray_local, tmp_path):
     _, one = in_process
     two = run_eval({"tiny": tiny_llama}, _cfg(num_workers=2), tmp_path, seed=0)
     assert two["tiny"]["winogrande"] == one["tiny"]["winogrande"]
-    assert two["tiny"]["chat"] == pytest.approx(one["tiny"]["chat"])
-    assert two["tiny"]["winobias"] == pytest.approx(one["tiny"]["winobias"], abs=1e-4)
-    assert two["tiny"]["winogender"] == pytest.approx(one["tiny"]["winogender"], abs=1e-4)
+    for suite, tol in (("chat", 1e-9), ("winobias", 1e-4), ("winogender", 1e-4)):
+        assert flat(two["tiny"][suite]) == pytest.approx(flat(one["tiny"][suite]), abs=tol), suite
     a = pq.read_table(tmp_path / "records" / "winogrande.parquet").to_pylist()
     b = pq.read_table(in_process[0] / "records" / "winogrande.parquet").to_pylist()
     assert [r["id"] for r in a] == [r["id"] for r in b]  # concatenated in item order
@@ -444,7 +451,10 @@ def test_run_eval_reward_suite_finds_the_runs_reward_model(tmp_path, tiny_llama)
     result = run_eval(models, cfg, tmp_path / "eval")
     rm = reward.RewardModel.load(str(run / "reward"), batch_size=cfg.batch_size, device="cpu")
     alone, records = run_suite("reward", rm, cfg, reward_model=str(run / "reward"))
-    assert result["ppo"]["reward"] == pytest.approx({**alone, "reward_model": str(run / "reward")}, abs=1e-5)
+    point = {k: v for k, v in result["ppo"]["reward"].items() if not k.endswith("_ci")}
+    assert point == pytest.approx({**alone, "reward_model": str(run / "reward")}, abs=1e-5)
+    lo, hi = result["ppo"]["reward"]["accuracy_ci"]  # floats get a CI, the pair count does not
+    assert 0 <= lo <= alone["accuracy"] <= hi <= 1 and "pairs_ci" not in result["ppo"]["reward"]
     assert result["base"] == {}  # no reward model goes with the bare base model
     assert result["_meta"]["reward_models"] == {"ppo": str(run / "reward")}
     given = run_eval({"base": tiny_llama}, cfg, tmp_path / "e2", extra={"base": {"reward_model": str(run)}})
