@@ -135,7 +135,9 @@ class PpoSettings(_Optimisation):
         description="adaptive KL (Ziegler et al. 2019): steer the rollout KL to this; None: fixed kl_coef "
                     "(StackLLaMA: kl_coef 0.2, kl_target 6)",
     )
-    kl_horizon: float = Field(default=10000, gt=0, description="adaptive KL: episodes to close the gap (old TRL: 10000)")
+    kl_horizon: float = Field(
+        default=10000, gt=0, description="adaptive KL: episodes over which it closes the gap (old TRL: 10000)"
+    )
     temperature: float = Field(default=0.7, gt=0, description="sampling temperature of rollouts")
 
 

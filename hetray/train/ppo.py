@@ -1,16 +1,40 @@
 """Stage 5c, PPO: RLHF from the SFT model against the reward model (paper 2.6, A.3).
 
-``run_ppo(cfg)`` samples completions (``min_new_tokens``..``max_new_tokens``, paper 32-128) for
-the prompts of the pairs, scores them with the reward stage's merged model, and trains LoRA on
+``run_ppo(cfg)`` samples completions (``min_new_tokens``..``max_new_tokens``, paper 32-128, at
+``temperature``) for the prompts of the pairs, in ``train.text_format``'s text (as SFT and the
+reward model read it), scores them with the reward stage's merged model, and trains LoRA on
 the policy with TRL's PPOTrainer (``trl.experimental.ppo``, the last release that has it). The
 value model starts as a copy of the reward model; the reference policy is the SFT model, i.e.
 the policy with its adapter switched off (``ref_model=None`` with PEFT). The history has the
-PPO reward (``objective/scores``) and KL (``objective/kl``) per update.
+PPO reward (``objective/scores``), KL (``objective/kl``) and the KL coefficient that update
+used (``objective/kl_coef``) per update.
+
+Budget. A step is one PPO update: a rollout of ``per_device_batch_size x
+gradient_accumulation_steps x workers`` prompts (episodes), scored, then ``num_ppo_epochs``
+optimisation passes over it. ``max_steps`` counts updates; an epoch (``num_train_epochs``) is
+one pass over the distinct prompts, i.e. ``ceil(prompts / rollout)`` updates; the smaller
+budget wins. The paper's "20000 steps" are StackLLaMA's ``PPOConfig(steps=20000)``, which the
+old TRL counted in episodes: ``ceil(20000 / batch_size 32) = 625`` updates of 32 prompts. Here
+that is a rollout of 32 (``per_device_batch_size: 1``, ``gradient_accumulation_steps: 32`` on
+one worker, or 4 on eight) and ``max_steps: 625``; with the default rollout of 4 per worker,
+20000 episodes are ``20000 / (4 x workers)`` updates.
+
+KL. ``kl_coef`` weighs the per-token KL penalty against the SFT model. With ``kl_target`` set,
+the coefficient adapts after every update as the old TRL's AdaptiveKLController (Ziegler et
+al. 2019) did, which StackLLaMA used (``kl_coef: 0.2``, ``kl_target: 6``, ``kl_horizon:
+10000``): ``coef *= 1 + clip(kl / kl_target - 1, -0.2, 0.2) x episodes / kl_horizon``
+(``adaptive_kl_coef``). TRL 1.12's PPOTrainer has only a fixed coefficient, but it reads
+``args.kl_coef`` afresh in every update, so ``KLCoefficient`` (a callback on the log of each
+update) sets the next update's coefficient there. Generation differs from StackLLaMA in one
+way: it sampled one length per batch in [32, 128) and never stopped at EOS; here a completion
+is at least ``min_new_tokens`` long and stops at EOS or ``max_new_tokens`` (set both equal for
+a fixed length).
 
 TRL's PPOTrainer ties the rollout to the batch: each update generates
 ``per_device_batch_size x gradient_accumulation_steps x workers`` completions. Its ``train()``
 takes no checkpoint, so resuming after a failure is done here: the policy, value model,
-optimizer and scheduler come back from the last checkpoint and only the remaining updates run.
+optimizer, scheduler and KL coefficient come back from the last checkpoint and only the
+remaining updates run.
 """
 
 from __future__ import annotations
@@ -21,9 +45,9 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from hetray.models import CAUSAL, SEQ_CLS, load_model, load_tokenizer
-from hetray.pairs import prompt_rows, uses_chat
+from hetray.pairs import prompt_rows, text_format
 from hetray.train.driver import STAGE_MODEL_DIR, StageJob, train_stage
-from hetray.train.worker import lora_config, short_prompts, training_args
+from hetray.train.worker import lora_config, plan_budget, short_prompts, training_args, world_size
 
 VALUE_FILE = "value_model.safetensors"
 
@@ -41,18 +65,19 @@ def run_ppo(cfg, force: bool = False) -> dict:
 
 def build_trainer(job: StageJob):
     """In each Ray Train worker: TRL's PPOTrainer with policy, reference (adapter off), reward, value."""
-    import torch.distributed as dist
     from datasets import Dataset
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     s = job.settings
     tokenizer = load_tokenizer(job.model)
     tokenizer.padding_side = "left"  # prompts are left-padded so generation continues them
-    rows = short_prompts(prompt_rows(job.data_dir, uses_chat(tokenizer)), tokenizer, s.max_length)
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    fmt = text_format(tokenizer, job.text_format, job.raw_template)
+    rows = short_prompts(prompt_rows(job.data_dir, fmt), tokenizer, s.max_length)
+    rollout = s.per_device_batch_size * s.gradient_accumulation_steps * world_size()  # episodes per update
+    budget = plan_budget(s.max_steps, s.num_train_epochs, rows=len(rows), rows_per_step=rollout)
     args = PPOConfig(
         **training_args(job),
-        total_episodes=s.max_steps * s.per_device_batch_size * s.gradient_accumulation_steps * world,
+        total_episodes=budget.max_steps * rollout,  # PPO's updates: ceil(total_episodes / rollout)
         response_length=s.max_new_tokens,
         stop_token="eos",
         num_ppo_epochs=s.num_ppo_epochs,
@@ -78,7 +103,50 @@ def build_trainer(job: StageJob):
     # every rank but the main one.
     trainer.is_distributed_loading_by_transformers = False
     trainer.add_callback(SaveValueModel())
+    trainer.add_callback(KLCoefficient(s.kl_target, s.kl_horizon))
+    trainer.budget = budget
     return trainer
+
+
+def adaptive_kl_coef(coef: float, kl: float, target: float, horizon: float, episodes: int) -> float:
+    """The KL coefficient after an update whose rollout of ``episodes`` completions had mean
+    KL ``kl`` (Ziegler et al. 2019; the old TRL's AdaptiveKLController): the proportional
+    error ``kl / target - 1``, clipped to +-0.2, moves it by ``error x episodes / horizon``."""
+    error = min(max(kl / target - 1, -0.2), 0.2)
+    return coef * (1 + error * episodes / horizon)
+
+
+class KLCoefficient(TrainerCallback):
+    """Logs the KL coefficient each PPO update used (``objective/kl_coef``) and, with a
+    ``target``, adapts it for the next update.
+
+    TRL's ``PPOTrainer.train`` computes every update's rewards as ``score - args.kl_coef x KL``,
+    reading ``args.kl_coef`` then, and logs each update (``Trainer.log``: appended to the
+    history, then ``on_log`` with the same ``args`` object) before the next rollout. So the
+    coefficient set here is the next update's. The logged KL is already averaged over the
+    workers, so every rank computes the same coefficient.
+    """
+
+    def __init__(self, target: float | None, horizon: float):
+        self.target, self.horizon = target, horizon
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "objective/kl" not in logs:
+            return
+        used = args.kl_coef
+        logs["objective/kl_coef"] = used  # what RayReport (added after this callback) reports
+        if state.log_history and state.log_history[-1].get("objective/kl") == logs["objective/kl"]:
+            state.log_history[-1]["objective/kl_coef"] = used  # the entry Trainer.log just appended
+        args.kl_coef = self.next(used, logs["objective/kl"], args.batch_size)
+
+    def next(self, coef: float, kl: float, episodes: int) -> float:
+        return coef if self.target is None else adaptive_kl_coef(coef, kl, self.target, self.horizon, episodes)
+
+    def resume(self, args, history: list[dict]) -> None:
+        """The coefficient after the checkpoint's last update, from the restored history."""
+        logged = [h for h in history if "objective/kl_coef" in h and "objective/kl" in h]
+        if logged:
+            args.kl_coef = self.next(logged[-1]["objective/kl_coef"], logged[-1]["objective/kl"], args.batch_size)
 
 
 def _expose_parts(trainer) -> None:
@@ -133,7 +201,11 @@ def train(trainer, checkpoint_dir: str | None) -> None:
     trainer.lr_scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
     total = trainer.args.num_total_batches
     trainer.args.num_total_batches = max(0, total - done)  # the loop runs only the rest
-    trainer.add_callback(Resume(done, total, state.get("log_history", [])))
+    history = state.get("log_history", [])
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, KLCoefficient):
+            callback.resume(trainer.args, history)
+    trainer.add_callback(Resume(done, total, history))
     trainer.train()
 
 
