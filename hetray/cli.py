@@ -95,9 +95,13 @@ def _stage(name: str, cfg, force: bool) -> None:
 
         m = run_cluster(cfg, force=force)
         print(f"clusters: k={cfg.cluster.n_clusters} inertia {m.get('inertia')} sizes {m.get('sizes')}")
-    else:
+    else:  # the command line sequences what select reads (each skipped when up to date)
+        from hetray.selection.clustering import run_cluster
+        from hetray.selection.embed import run_embed
         from hetray.selection.select import run_select
 
+        run_embed(cfg)
+        run_cluster(cfg)
         m = run_select(cfg, force=force)
         print(
             f"selected: {m['pairs_selected']} of {m['pairs_in']} pairs (fraction {cfg.select.fraction}, "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from hetray.eval.suite import Suite
 from hetray.models import SEQ_CLS, load_model, load_tokenizer
-from hetray.pairs import pair_rows, split_pairs, uses_chat
+from hetray.pairs import pair_rows, split_pairs, text_format
 from hetray.schema import read_table
 from hetray.stage import read_manifest
 
@@ -49,7 +49,7 @@ def model_dir_of(reward_model: str) -> str:
     return reward_model
 
 
-def held_out_pairs(stage: Path, chat: bool) -> list[dict]:
+def held_out_pairs(stage: Path, chat) -> list[dict]:
     """The reward stage's held-out pairs, re-derived from its manifest with the stage's split."""
     m = read_manifest(stage)
     try:
@@ -63,9 +63,19 @@ def held_out_pairs(stage: Path, chat: bool) -> list[dict]:
     return split_pairs(data_dir, fraction, seed, chat)[1]
 
 
+def text_of(reward_model: str):
+    """How the reward model read its texts: its stage's ``train.text_format`` (manifest
+    ``config.text``) as its tokenizer allows; chat when no stage manifest says otherwise."""
+    stage = stage_dir_of(reward_model)
+    text = ((read_manifest(stage) or {}).get("config") or {}).get("text") or {} if stage is not None else {}
+    return text_format(load_tokenizer(model_dir_of(reward_model)), text.get("format", "chat"),
+                       text.get("raw_template", "{prompt}"))
+
+
 def load_items(reward_model: str, settings) -> list[dict]:
-    """Pairs in TRL's format (chat turns or strings): ``settings.pairs`` or the held-out split."""
-    chat = uses_chat(load_tokenizer(model_dir_of(reward_model)))
+    """Pairs in TRL's format (chat turns or strings): ``settings.pairs`` or the held-out split,
+    formatted as the reward model was trained (``text_of``)."""
+    chat = text_of(reward_model)
     if settings.pairs:
         if not read_table(settings.pairs, ["prompt"]).num_rows:
             raise RewardEvalError(f"eval.reward.pairs: no Parquet pairs in {settings.pairs!r}")
