@@ -104,3 +104,18 @@ def write_results(name: str, result: dict, markdown: str) -> Path:
     path = RESULTS / f"{name}.md"
     path.write_text(header + markdown + "\n")
     return path
+
+
+def job_benchmark_args(doc: str, run_dir: str):
+    """The command line of a benchmark that runs one job on ../shared/data: ``--run-dir``,
+    ``--report-only`` and dotted overrides. Exits when ../shared/data is absent."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--run-dir", default=run_dir)
+    ap.add_argument("--report-only", action="store_true", help="rebuild the tables from the last run's outputs")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    if not (Path(__file__).resolve().parents[2] / "shared" / "data").is_dir():
+        sys.exit("../shared/data is absent: this benchmark needs the real data samples")
+    return args

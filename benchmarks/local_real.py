@@ -10,14 +10,13 @@ that are up to date: delete the run dir for fresh timings.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import run_measured, write_results  # noqa: E402
+from common import job_benchmark_args, run_measured, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = {"convert": "preferences", "embed": "embeddings", "cluster": "clusters", "select": "selected"}
@@ -25,13 +24,7 @@ COLUMNS = ("bias", "bias_entropy", "bias_cluster", "accuracy", "similarity")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run-dir", default="runs/local_real")
-    ap.add_argument("--report-only", action="store_true", help="rebuild the tables from the last run's outputs")
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
-    if not (ROOT.parent / "shared" / "data").is_dir():
-        sys.exit("../shared/data is absent: this benchmark needs the real data samples")
+    args = job_benchmark_args(__doc__, "runs/local_real")
     hetray = str(Path(sys.executable).parent / "hetray")
     cmd = [hetray, "run", "jobs/local_real.yaml", f"run_dir={args.run_dir}", *args.overrides]
     os.chdir(ROOT)

@@ -15,7 +15,6 @@ timings.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -26,7 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, run_measured, write_results  # noqa: E402
+from common import RESULTS, job_benchmark_args, run_measured, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BIAS = ("bias", "bias_entropy", "bias_cluster", "accuracy", "similarity")
@@ -93,6 +92,25 @@ def paired(a: dict, b: dict, resamples: int = RESAMPLES, seed: int = SEED) -> di
     return out
 
 
+def disturbance(a: dict, b: dict, base: dict, resamples: int = RESAMPLES, seed: int = SEED) -> dict:
+    """abs(a - base) - abs(b - base) for every metric, on the same resampled pairs for all three:
+    > 0 when a moved the metric further from the base model than b did."""
+    if not (np.array_equal(a["ids"], base["ids"]) and np.array_equal(b["ids"], base["ids"])):
+        raise ValueError("the models were scored on different pairs")
+    n = len(a["ids"])
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    full = np.arange(n)[None, :]
+    boot = [_metrics(r, idx) for r in (a, b, base)]
+    point = [_metrics(r, full) for r in (a, b, base)]
+    out = {}
+    for k in BIAS:
+        diff = np.abs(boot[0][k] - boot[2][k]) - np.abs(boot[1][k] - boot[2][k])
+        lo, hi = np.percentile(diff, [2.5, 97.5])
+        d = abs(point[0][k][0] - point[2][k][0]) - abs(point[1][k][0] - point[2][k][0])
+        out[k] = {"diff": float(d), "ci": [float(lo), float(hi)], "excludes_zero": bool(lo > 0 or hi < 0)}
+    return out
+
+
 def ci(r: dict, resamples: int = RESAMPLES, seed: int = SEED) -> dict:
     n = len(r["ids"])
     idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
@@ -124,6 +142,17 @@ def fmt_ci(v: dict) -> str:
 
 def fmt_diff(d: dict) -> str:
     return f"{d['diff']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]" + ("*" if d["excludes_zero"] else "")
+
+
+def section(title: str, columns: list[str], rows: list[str]) -> list[str]:
+    """A markdown section: heading, table header, rows (the caller may append more rows)."""
+    return ["", f"## {title}", "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|", *rows]
+
+
+def diff_rows(labelled, changed: bool = False) -> list[str]:
+    """Table rows ``| label | diff [CI] ... |`` (and the changed-answer share)."""
+    return [f"| {label} | " + " | ".join(fmt_diff(d[k]) for k in BIAS)
+            + (f" | {d.get('changed_answers', float('nan')):.3f}" if changed else "") + " |" for label, d in labelled]
 
 
 # ---------------------------------------------------------------------------- loss curves
@@ -165,13 +194,7 @@ def plot_losses(curves: dict, path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run-dir", default="runs/trend")
-    ap.add_argument("--report-only", action="store_true", help="rebuild the tables from the last run's outputs")
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
-    if not (ROOT.parent / "shared" / "data").is_dir():
-        sys.exit("../shared/data is absent: this benchmark needs the real data samples")
+    args = job_benchmark_args(__doc__, "runs/trend")
     os.chdir(ROOT)
     cmd = [str(Path(sys.executable).parent / "hetray"), "run", "jobs/trend.yaml", f"run_dir={args.run_dir}",
            *args.overrides]
@@ -194,6 +217,8 @@ def main() -> None:
         return [paired(records[x], records[y]) for x, y in zip(arms.get(a, []), arms.get(b, []))]
 
     wg_vs_uni = between("wg-S", "uni-1.0-S")
+    wg_moves_more = [disturbance(records[x], records[y], records["base"])
+                     for x, y in zip(arms.get("wg-S", []), arms.get("uni-1.0-S", []))]
     r_vs_s = between("uni-1.0-R", "uni-1.0-S")
     wg_change = [vs_base[m] for m in arms.get("wg-S", [])]
     uni_change = [vs_base[m] for m in arms.get("uni-1.0-S", [])]
@@ -204,11 +229,10 @@ def main() -> None:
     verdicts = {
         "wg-S raises Bias vs base": verdict(wg_change, "bias", "+"),
         "wg-S lowers Accuracy vs base": verdict(wg_change, "accuracy", "-"),
-        "uni-1.0-S moves Bias less than wg-S (|wg - base| > |uni - base|: wg - uni > 0 in Bias)":
-            verdict(wg_vs_uni, "bias", "+"),
-        "uni-1.0-S keeps Accuracy better than wg-S (uni - wg > 0)": verdict(
-            [{k: {"ci": [-v["ci"][1], -v["ci"][0]]} for k, v in d.items() if isinstance(v, dict)} for d in wg_vs_uni],
-            "accuracy", "+"),
+        "wg-S moves Bias further from base than uni-1.0-S (abs(wg - base) - abs(uni - base) > 0)":
+            verdict(wg_moves_more, "bias", "+"),
+        "wg-S moves Accuracy further from base than uni-1.0-S": verdict(wg_moves_more, "accuracy", "+"),
+        "uni-1.0-S has higher Accuracy than wg-S (wg - uni < 0)": verdict(wg_vs_uni, "accuracy", "-"),
         "uni-1.0-R no worse than uni-1.0-S in Bias (R - S not > 0)": (
             "not measured" if not r_vs_s else
             "reproduced" if all(d["bias"]["ci"][0] <= 0 for d in r_vs_s) else "not reproduced"),
@@ -224,36 +248,18 @@ def main() -> None:
         f"Wall time of `hetray run`: {measured['wall_s']:.0f} s; load average (1 min) during the run: "
         f"{measured.get('load_avg_1min_during')}; peak memory of the process tree {measured['peak_mem_mib']} MiB.",
         "",
-        "## Verdicts on the paper's directions",
-        "",
-        "| direction | result here |",
-        "|---|---|",
-        *[f"| {k} | {v} |" for k, v in verdicts.items()],
-        "",
-        "## WinoBias per run (value [95% CI])",
-        "",
-        "| run | " + " | ".join(BIAS) + " |",
-        "|---" * (len(BIAS) + 1) + "|",
-        *[f"| {m} | " + " | ".join(fmt_ci(cis[m][k]) for k in BIAS) + " |" for m in records],
-        "",
-        "## Paired difference against base (run - base [95% CI]) and changed WinoBias answers",
-        "",
-        "| run | " + " | ".join(BIAS) + " | answers changed |",
-        "|---" * (len(BIAS) + 2) + "|",
-        *[f"| {m} | " + " | ".join(fmt_diff(d[k]) for k in BIAS) + f" | {d.get('changed_answers', float('nan')):.3f} |"
-          for m, d in vs_base.items()],
-        "",
-        "## Between arms, seed by seed (paired)",
-        "",
-        "| comparison | seed | " + " | ".join(BIAS) + " |",
-        "|---" * (len(BIAS) + 2) + "|",
-        *[f"| wg-S - uni-1.0-S | {i} | " + " | ".join(fmt_diff(d[k]) for k in BIAS) + " |" for i, d in enumerate(wg_vs_uni)],
-        *[f"| uni-1.0-R - uni-1.0-S | {i} | " + " | ".join(fmt_diff(d[k]) for k in BIAS) + " |" for i, d in enumerate(r_vs_s)],
-        "",
-        "## Other suites (from eval/metrics.json)",
-        "",
-        "| run | WinoGrande held-out accuracy | chat non-empty | chat stops | reward held-out accuracy |",
-        "|---|---|---|---|---|",
+        *section("Verdicts on the paper's directions", ["direction", "result here"],
+                 [f"| {k} | {v} |" for k, v in verdicts.items()]),
+        *section("WinoBias per run (value [95% CI])", ["run", *BIAS],
+                 [f"| {m} | " + " | ".join(fmt_ci(cis[m][k]) for k in BIAS) + " |" for m in records]),
+        *section("Paired difference against base (run - base [95% CI]) and changed WinoBias answers",
+                 ["run", *BIAS, "answers changed"], diff_rows(vs_base.items(), changed=True)),
+        *section("Between arms, seed by seed (paired)", ["comparison", "seed", *BIAS],
+                 diff_rows((f"wg-S - uni-1.0-S | {i}", d) for i, d in enumerate(wg_vs_uni))
+                 + diff_rows((f"abs(wg-S - base) - abs(uni-1.0-S - base) | {i}", d) for i, d in enumerate(wg_moves_more))
+                 + diff_rows((f"uni-1.0-R - uni-1.0-S | {i}", d) for i, d in enumerate(r_vs_s))),
+        *section("Other suites (from eval/metrics.json)",
+                 ["run", "WinoGrande held-out accuracy", "chat non-empty", "chat stops", "reward held-out accuracy"], []),
     ]
     for r in runs:
         m = metrics.get(r["name"], {})
@@ -267,13 +273,13 @@ def main() -> None:
     curves = loss_curves(run_dir, runs)
     if curves:
         plot_losses(curves, RESULTS / "trend_loss.png")
-    lines += ["", "## Training loss (first -> last logged value; curves in trend_loss.png)", "",
-              "| run folder / stage | steps | first loss | last loss |", "|---|---|---|---|",
-              *[f"| {k} | {pts[-1][0]} | {pts[0][1]:.3f} | {pts[-1][1]:.3f} |" for k, pts in curves.items()],
-              "", "## Wall time per stage", "", "| stage | where | status | wall s |", "|---|---|---|---|",
-              *[f"| {s['stage']} | {s['where']} | {s['status']} | {s['wall_s']} |" for s in summary["steps"]]]
+    lines += ["", *section("Training loss (first -> last logged value; curves in trend_loss.png)",
+                           ["run folder / stage", "steps", "first loss", "last loss"],
+                           [f"| {k} | {pts[-1][0]} | {pts[0][1]:.3f} | {pts[-1][1]:.3f} |" for k, pts in curves.items()]),
+              *section("Wall time per stage", ["stage", "where", "status", "wall s"],
+                       [f"| {s['stage']} | {s['where']} | {s['status']} | {s['wall_s']} |" for s in summary["steps"]])]
     result = {"measured": measured, "verdicts": verdicts, "winobias_ci": cis, "paired_vs_base": vs_base,
-              "wg_minus_uni": wg_vs_uni, "r_minus_s": r_vs_s, "reward_accuracy": reward_acc,
+              "wg_minus_uni": wg_vs_uni, "wg_moves_more_than_uni": wg_moves_more, "r_minus_s": r_vs_s, "reward_accuracy": reward_acc,
               "steps": summary["steps"], "loss_curves": curves}
     print(write_results("trend", result, "\n".join(lines)))
 
