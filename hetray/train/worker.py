@@ -24,7 +24,6 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from hetray.models import CAUSAL, SEQ_CLS, load_model
-from hetray.plots import figure, save
 from hetray.train.driver import STAGE_MODEL_DIR, StageJob
 
 log = logging.getLogger(__name__)
@@ -118,6 +117,8 @@ def merge_adapter(base: str, adapter_dir: Path, out_dir: Path, head: str, tokeni
 
 def plot_history(history: list[dict], path: Path, stage: str) -> None:
     """One panel per curve that was logged: loss, learning rate, and the stage's own metrics."""
+    from hetray.plots import figure, save  # here, not at the top: workers never plot (matplotlib is slow to import)
+
     wanted = ["loss", "learning_rate", "accuracy", "rewards/accuracies", "objective/scores",
               "objective/kl", "reward", "kl", "loss/policy_avg", "eval_accuracy"]
     curves = {k: [(h["step"], h[k]) for h in history if k in h and "step" in h] for k in wanted}
