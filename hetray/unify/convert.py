@@ -50,9 +50,9 @@ from hetray.schema import (
     SFT_SCHEMA,
     split_output,
 )
+from hetray.stage import Stage, require_ray, run_stage
 from hetray.unify.sources import adapter_for
 from hetray.unify.sources.base import tally_label_names
-from hetray.stage import Stage, require_ray, run_stage
 from hetray.unify.sources.readers import InputError, expand_paths, make_datasource, peek_record
 
 log = logging.getLogger(__name__)
