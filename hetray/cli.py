@@ -6,6 +6,7 @@
     hetray select --config jobs/quickstart.yaml [--fraction F] [--n-clusters K] [overrides]
     hetray train sft|reward|ppo|rloo|dpo --config jobs/quickstart.yaml [overrides] [--force]
     hetray run jobs/quickstart.yaml [key.sub=value ...]     # every stage of the job, in order
+    hetray run jobs/paper.yaml --check                      # only the preflight: every input, in seconds
     hetray eval --models base=smollm2-135m-instruct,sft=runs/x/sft/merged --suites winobias,chat
     hetray tune --config jobs/quickstart.yaml [overrides]  # Ray Tune over n_clusters / fraction
 """
@@ -70,9 +71,13 @@ def make_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
 
     r = sub.add_parser("run", help="every stage of a job (pipeline.stages), in order; done stages are skipped")
-    r.add_argument("config", help="job YAML, e.g. jobs/quickstart.yaml")
+    r.add_argument("job", nargs="?", help="job YAML, e.g. jobs/quickstart.yaml (or --config)")
     r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. 'pipeline.stages=[convert,select]'")
+    r.add_argument("--config", help="job YAML (the same as the positional JOB)")
     r.add_argument("--force", action="store_true", help="re-run every stage even if up to date")
+    r.add_argument("--check", action="store_true",
+                   help="only the preflight: check every input of every stage (files, hub ids, models, LoRA "
+                        "targets, DeepSpeed file, resources), print one line per check; exit 2 on a problem")
     return p
 
 
@@ -134,11 +139,33 @@ def _run(args) -> None:
     from hetray.orchestrate.pipeline import run_pipeline
     from hetray.orchestrate.run_report import format_run_report
 
-    cfg = load_config(args.config, args.overrides)
+    job, overrides = args.job, list(args.overrides)
+    if args.config:  # `run --config JOB a=b`: the positional slot caught the first override
+        job, overrides = args.config, ([args.job] if args.job else []) + overrides
+    if not job:
+        raise ConfigError("hetray run: give the job YAML (hetray run JOB, or --config JOB)")
+    cfg = load_config(job, overrides)
+    if args.check:
+        return _check(cfg)
     summary = run_pipeline(cfg, args.force)
     print("\n" + format_run_report(summary))
     report = Path(cfg.run_dir) / "report.md"
     print(f"\nreport: {summary['eval_report'] or (report if report.exists() else cfg.run_dir)}")
+
+
+def _check(cfg) -> None:
+    """``hetray run JOB --check``: the preflight alone, against the cluster when one is configured."""
+    import os
+
+    from hetray.orchestrate.preflight import preflight
+
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        init_ray(cfg.ray)  # compare the resources with that cluster's
+    report = preflight(cfg, raise_on_problems=False)
+    print(report.format())
+    if report.problems:
+        raise report.error()
+    print(f"preflight: no problems in {len(report.checks)} checks ({cfg.name})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -95,6 +95,7 @@ import urllib.request
 from pathlib import Path
 
 from hetray.eval import metrics
+from hetray.eval.hub import is_hub
 from hetray.eval.suite import Suite
 from hetray.formats import parse_winobias_line
 from hetray.models import resolve_sample
@@ -102,6 +103,9 @@ from hetray.models import resolve_sample
 HUB_URL = "https://raw.githubusercontent.com/uclanlp/corefBias/master/WinoBias/wino/data/"
 PROMPT = '{sentence} "{pronoun}" refers to: '
 SIDES = ("pro", "anti")
+# the hub's uclanlp/wino_bias holds CoNLL tokens, not the corefBias lines this suite scores
+HF_REFUSED = ("eval.winobias.path {path!r}: WinoBias is read from the corefBias text files, not an hf: dataset: "
+              "set eval.winobias.path to 'hub' (downloads uclanlp/corefBias once) or to a folder of those files")
 _BRACKET = re.compile(r"\[[^\[\]]*\]")
 
 
@@ -132,6 +136,8 @@ def data_folder(path: str, splits, types) -> Path:
     """The local folder that holds the needed files (downloading them for ``hub``)."""
     if path == "hub":
         return fetch_hub(splits, types)
+    if is_hub(path):
+        raise WinoBiasError(HF_REFUSED.format(path=path))
     folder = Path(resolve_sample(path))
     if not folder.is_dir():
         raise WinoBiasError(f"WinoBias folder {path!r} does not exist")
@@ -145,6 +151,8 @@ def data_files(settings) -> list[str]:
     """Absolute paths, sorted, of the files ``load_pairs`` reads with these settings (``hub``:
     the cached ones present; nothing is downloaded)."""
     names = sorted(file_names(settings.splits, settings.types))
+    if is_hub(settings.path):
+        return []
     if settings.path == "hub":
         from hetray.models import cache_dir
 
@@ -183,7 +191,7 @@ def fetch_hub(splits, types) -> Path:
 def read_lines(path: Path) -> list[tuple[int, str]]:
     """``(physical line number, text)`` of every non-blank line."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise WinoBiasError(f"{path}: not UTF-8 text ({e})") from e
     return [(k, line.strip()) for k, line in enumerate(text.splitlines(), 1) if line.strip()]

@@ -31,6 +31,7 @@ import re
 from pathlib import Path
 
 from hetray.eval import metrics
+from hetray.eval.hub import HubDataError, hub_rows, is_hub
 from hetray.eval.suite import Suite
 from hetray.eval.winobias import BIAS_COLUMNS, NOTE, PROMPT, READING_COLUMNS, score_pairs
 
@@ -48,14 +49,17 @@ def load_pairs(settings) -> list[dict]:
     if not settings.path:
         raise WinoGenderError("suite winogender: eval.winogender.path is not set: point it at WinoGender's "
                               "all_sentences.tsv")
-    return read_pairs(Path(settings.path), settings.limit)
+    return read_pairs(settings.path if is_hub(settings.path) else Path(settings.path), settings.limit)
 
 
 def read_rows(path: Path) -> list[tuple[int, str, str]]:
-    """``(line, sentid, sentence)`` of every data row."""
+    """``(line, sentid, sentence)`` of every data row; an ``hf:`` path (``hetray.eval.hub``) gives
+    the rows of a hub split with ``sentid`` and ``sentence`` columns (``line``: the row number)."""
+    if is_hub(path):
+        return _hub_rows(path)
     if not path.is_file():
         raise WinoGenderError(f"WinoGender file {str(path)!r} does not exist")
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     if not rows or [c.strip() for c in rows[0][:2]] != ["sentid", "sentence"]:
         raise WinoGenderError(f"{path}:1: expected the header 'sentid<TAB>sentence', got {rows[0] if rows else 'an empty file'}")
@@ -67,6 +71,16 @@ def read_rows(path: Path) -> list[tuple[int, str, str]]:
             raise WinoGenderError(f"{path}:{line}: expected 'sentid<TAB>sentence', got {row!r}")
         out.append((line, row[0].strip(), row[1].strip()))
     return out
+
+
+def _hub_rows(spec: str) -> list[tuple[int, str, str]]:
+    try:
+        rows = hub_rows(spec, "eval.winogender.path")
+    except HubDataError as e:
+        raise WinoGenderError(str(e)) from None
+    if rows and not {"sentid", "sentence"} <= set(rows[0]):
+        raise WinoGenderError(f"{spec}: expected the columns 'sentid' and 'sentence', got {', '.join(rows[0])}")
+    return [(i, str(r["sentid"]).strip(), str(r["sentence"]).strip()) for i, r in enumerate(rows, 1)]
 
 
 def read_pairs(path: Path, limit: int | None = None) -> list[dict]:
@@ -138,7 +152,8 @@ SUITE = Suite(
     plot_metrics=tuple((key, f"WinoGender {title}") for key, title, _ in BIAS_COLUMNS),
     bias_plot=True,
     note=NOTE.replace("pro/anti", "male/female"),
-    files=lambda cfg: [str(Path(cfg.winogender.path).resolve())] if cfg.winogender.path else [],
+    files=lambda cfg: ([str(Path(cfg.winogender.path).resolve())]
+                       if cfg.winogender.path and not is_hub(cfg.winogender.path) else []),
     item_id=lambda r: str(r["n"]),
     answers=tuple((side, f"generation_{side}") for side in SIDES),
 )

@@ -17,6 +17,10 @@ Held-out split. With ``eval.winogrande.holdout: h`` only the rows whose ``qID`` 
 then skipped (its stand-in id, file and line, depends on how the path is spelled, so training
 might not have dropped it). ``limit`` counts the rows kept. ``Suite.files``: the jsonl file.
 Confidence intervals resample rows.
+
+Data: a jsonl file, ``sample:winogrande.jsonl``, or a hub split in convert's form
+(``hf:allenai/winogrande:validation:winogrande_xl``, loaded by ``hetray.eval.hub``; the hub's
+rows have no ``qID``, so a ``holdout`` keeps none of them).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 
 import orjson
 
+from hetray.eval.hub import HubDataError, hub_rows, is_hub
 from hetray.eval.suite import Suite
 from hetray.models import resolve_sample
 from hetray.pairs import holdout as held_out
@@ -48,12 +53,22 @@ def partial_target(sentence: str) -> str:
 
 
 def read_rows(path: str):
-    """``(file:line, parsed JSON)`` of every non-blank line of a jsonl file."""
+    """``(file:line, parsed JSON)`` of every non-blank line of a jsonl file; for an ``hf:`` path
+    (``hetray.eval.hub``) ``(spec#row, row)`` of every row of the hub split."""
+    if is_hub(path):
+        try:
+            rows = hub_rows(path, "eval.winogrande.path")
+        except HubDataError as e:
+            raise WinoGrandeError(str(e)) from None
+        yield from ((f"{path}#{i}", row) for i, row in enumerate(rows))
+        return
     file = Path(resolve_sample(path))
     if not file.is_file():
         raise WinoGrandeError(f"WinoGrande file {path!r} does not exist")
     with open(file, "rb") as f:
         for line, raw in enumerate(f, 1):
+            if line == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM
             if not raw.strip():
                 continue
             try:
@@ -139,6 +154,7 @@ SUITE = Suite(
     score=lambda scorer, items, cfg: score_items(scorer, items),
     aggregate=aggregate,
     plot_metrics=(("accuracy", "WinoGrande accuracy"),),
-    files=lambda cfg: [str(Path(resolve_sample(cfg.winogrande.path)).resolve())],
+    files=lambda cfg: ([] if is_hub(cfg.winogrande.path)
+                       else [str(Path(resolve_sample(cfg.winogrande.path)).resolve())]),
     item_id=lambda r: r["id"],
 )

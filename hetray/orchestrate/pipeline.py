@@ -5,7 +5,9 @@
 The conductor: it starts (or joins) Ray once, holds the run directory's lock for the whole job,
 and calls each stage in turn; a stage whose manifest matches is skipped by the stage runner, so
 re-running a job after a failure resumes at the stage that failed, and ``--force`` re-runs every
-stage.
+stage. Before the first stage, ``preflight`` checks every input of every stage the job will run
+(sources, models, LoRA targets, eval data, DeepSpeed file, cluster resources) and refuses the job
+with the list of every problem, in seconds (``hetray run JOB --check`` runs only that).
 
 A job without ``pipeline.runs`` is one run in ``run_dir``. A job with runs is a grid (the
 paper's Table 1): the shared stages (convert, embed, and the clusters for every k of the grid)
@@ -27,11 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hetray.config import JobConfig
-from hetray.orchestrate.preflight import check_no_contamination
+from hetray.orchestrate.preflight import check_no_contamination, preflight
 from hetray.orchestrate.ray_init import init_ray
 from hetray.orchestrate.run_report import Step, format_steps, run_row, write_run_report
 from hetray.orchestrate.sync import sync
-from hetray.orchestrate.workspace import derive, selection_name, shared_clusters
+from hetray.orchestrate.workspace import derive, run_folder, selection_name, shared_clusters
 from hetray.stage import Stage, locked, read_manifest, run_stage
 from hetray.train import RLHF_STAGES
 from hetray.train import STAGES as TRAIN_STAGES
@@ -121,6 +123,8 @@ def run_pipeline(cfg: JobConfig, force: bool = False) -> dict:
     check_no_contamination(cfg, runs)  # before any work: a job never evaluates on what it trained on
     init_ray(cfg.ray)
     with locked(cfg.run_dir):  # a second `hetray run` on this run_dir fails here, at once
+        # every input of every stage, in seconds: a job fails now, not after hours of training
+        preflight(cfg, runs, contamination=False)
         return _run(cfg, runs, force)
 
 
@@ -151,7 +155,7 @@ def _run(cfg: JobConfig, runs: list[Run], force: bool) -> dict:
             continue
         if run.folder not in folders:
             sub = cfg if run.folder == "." else derive(
-                cfg, root / run.folder, clusters[run.n_clusters], fraction=run.fraction, sources=run.sources,
+                cfg, run_folder(root, run.folder), clusters[run.n_clusters], fraction=run.fraction, sources=run.sources,
                 changes={"seed": run.seed} if run.seed is not None else None)
             folders[run.folder] = (sub, [])
         folders[run.folder][1].append(run)

@@ -18,8 +18,10 @@ A linked folder is never written through.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,9 +33,32 @@ SHARED_DATA = ("preferences", "sft_only", "rejects", "embeddings")
 
 
 def selection_name(sources: list[str] | None, n_clusters: int, fraction: float) -> str:
-    """A folder name that says what a selection is: ``all-k10-f0.4``, ``winogrande-k10-f1``."""
-    who = "+".join(sorted(sources)) if sources else "all"
+    """A folder name that says what a selection is: ``all-k10-f0.4``, ``winogrande-k10-f1``.
+    Source names come from the job file, so each is made safe first (``sanitise_run_name``)."""
+    who = "+".join(sorted(sanitise_run_name(s) for s in sources)) if sources else "all"
     return f"{who}-k{n_clusters}-f{fraction:g}"
+
+
+def sanitise_run_name(name: str) -> str:
+    """``name`` as one safe path component: characters other than ``A-Za-z0-9._-`` become ``_``
+    and a leading dot too (no ``..``, no hidden folder); a changed name gets a short hash of the
+    original, so two names that differ only in such characters keep apart (``a/b`` ->
+    ``a_b-<hash>``, ``../../etc`` -> ``_._.._etc-<hash>``)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    safe = "_" + safe[1:] if safe.startswith(".") else safe or "_"
+    if safe == name and name:
+        return name
+    return f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def run_folder(root: str | os.PathLike, name: str) -> Path:
+    """``root/name`` resolved, refused unless it lies inside ``root`` (a run folder never escapes
+    its job's run_dir, whatever the job file names)."""
+    base = Path(root).resolve()
+    folder = (base / name).resolve()
+    if folder != base and base not in folder.parents:
+        raise ValueError(f"run folder {name!r} resolves to {folder}, outside run_dir {base}")
+    return folder
 
 
 @contextmanager

@@ -197,8 +197,10 @@ def train(trainer, checkpoint_dir: str | None) -> None:
     parts = _unwrapped(trainer)
     set_peft_model_state_dict(parts.policy, load_file(ckpt / "adapter_model.safetensors"))
     parts.value_model.load_state_dict(load_file(ckpt / VALUE_FILE))
-    trainer.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
-    trainer.lr_scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+    # weights_only: the checkpoint lives on shared storage, and a full unpickle would run any
+    # code a tampered file names; Trainer's own state dicts are tensors, numbers and lists
+    trainer.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    trainer.lr_scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     total = trainer.args.num_total_batches
     trainer.args.num_total_batches = max(0, total - done)  # the loop runs only the rest
     history = state.get("log_history", [])

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Union
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from hetray.settings import Strict
 from hetray.unify.sources import ADAPTERS
@@ -20,8 +21,24 @@ class ConvertConfig(Strict):
     batch_size: int = Field(default=2048, ge=1, description="records per Ray Data batch")
     shuffle_partitions: int | None = Field(
         default=None, ge=1,
-        description="partitions of the group-by shuffle (None: 2 per CPU, 1 per 128 MiB of input, at most 200)",
+        description="partitions of the group-by shuffle (None: 2 per CPU, 1 per 128 MiB of input, "
+        "at most 200 and at most the number of shuffle buckets)",
     )
     num_output_files: int | None = Field(
         default=None, ge=1, description="repartition before writing (None: one file per block)"
     )
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources):
+        """Outputs, counts and rejects are keyed by source name: two sources may not share one."""
+        first: dict[str, int] = {}
+        for i, s in enumerate(sources):
+            if s.name in first:
+                msg = (f"source name {s.name!r} is already used by convert.sources[{first[s.name]}]; "
+                       "every source needs its own name")
+                error = PydanticCustomError("duplicate_source_name", msg.replace("{", "{{").replace("}", "}}"))
+                raise ValidationError.from_exception_data(
+                    cls.__name__, [InitErrorDetails(type=error, loc=(i, "name"), input=s.name)])
+            first[s.name] = i
+        return sources

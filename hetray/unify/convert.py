@@ -9,12 +9,19 @@ writes into ``cfg.run_dir``::
 
 Per source the pipeline is ``read -> parse (map_batches) -> [groupby(group) -> combine] ->
 write``. The shuffle only runs for adapters whose groups span input records (flat OASST
-messages, WinoBias pro/anti files); it is Ray's external shuffle, so replies of one prompt may
-sit in different files and memory stays bounded. The writer splits each block by kind into the
-three folders and returns counts, so accounting costs no second pass. Label names that the
+messages, WinoBias pro/anti files, WinoGrande rows grouped by qID to find duplicates); it is
+Ray's external shuffle, so replies of one prompt may sit in different files and memory stays
+bounded. The writer splits each block by kind into the three folders and returns counts (an
+empty shuffle partition is an empty block without columns: skipped). Label names that the
 adapters' items carry (``base.LABEL_NAMES``) are tallied per batch into one ``kind="labels"``
 row (never written); after the pass each adapter's ``check_counts`` can refuse what the counts
 show, e.g. an OASST label that no message has.
+
+Nothing is dropped silently, and that is checked, not assumed: while Ray converts, the driver
+counts each file's input records apart from the conversion (``readers.count_records``: lines,
+Arrow's count of csv rows, Parquet metadata; OASST messages per tree line), records them in the
+manifest (``counts[source]["input"]`` and ``["files"]``, zero for an empty file) and fails the
+stage with ``CountMismatch`` unless ``input == used + rejected`` for every source.
 
 The stage runner (``hetray.stage``) skips the stage when its key is unchanged and commits the
 three folders together: a failed or killed run never leaves half an output behind, nor
@@ -23,6 +30,7 @@ destroys the previous one.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -30,6 +38,7 @@ import pickle
 import uuid
 import zlib
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -53,7 +62,15 @@ from hetray.schema import (
 from hetray.stage import Stage, require_ray, run_stage
 from hetray.unify.sources import adapter_for
 from hetray.unify.sources.base import tally_label_names
-from hetray.unify.sources.readers import InputError, expand_paths, make_datasource, peek_record
+from hetray.unify.sources.readers import (
+    InputError,
+    count_records,
+    expand_paths,
+    is_csv,
+    make_datasource,
+    peek_record,
+    table_columns,
+)
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +266,7 @@ def _hub_dataset(spec: str, limit: int | None):
     def to_raw(batch: pa.Table) -> pa.Table:
         from hetray.unify.sources.readers import _table_batch
 
-        return _table_batch(spec, 1, batch.to_batches()[0] if batch.num_rows else batch)
+        return _table_batch(spec, 1, batch)  # every chunk of the batch, not only the first
 
     return ds.map_batches(to_raw, batch_format="pyarrow", batch_size=None)
 
@@ -267,6 +284,17 @@ def plan_source(s) -> tuple[object, list[str], object]:
         files = resolve_files(s.path)
     except InputError as e:
         raise InputError(f"source {s.name!r}: {e}") from None
+    real = [os.path.realpath(f) for f in files]
+    twice = next((f for f, r in zip(files, real) if real.count(r) > 1), None)
+    if twice is not None:  # its records would be converted twice
+        raise InputError(f"source {s.name!r}: the path names {twice} more than once (overlapping globs "
+                         "or folders?); list every file once")
+    for file in files:
+        if is_csv(file):  # every csv / tsv: a header that is not UTF-8 or names a column twice
+            try:
+                table_columns(file)
+            except InputError as e:
+                raise InputError(f"source {s.name!r}: {e}") from None
     for check in ("check_files", "check_columns"):
         fn = getattr(adapter, check, None)
         if fn is not None:
@@ -281,15 +309,17 @@ def plan_source(s) -> tuple[object, list[str], object]:
     return adapter, files, s
 
 
-def shuffle_partitions(files: list[str], configured: int | None) -> int:
-    """Partitions for the group-by: enough to spread work and keep each one small."""
+def shuffle_partitions(files: list[str], configured: int | None, n_buckets: int) -> int:
+    """Partitions for the group-by: enough to spread work and keep each one small, and no more
+    than there are buckets (a partition beyond that could only ever be empty). Some partitions
+    may still be empty (buckets hash unevenly); the sink skips empty blocks."""
     import ray
 
     if configured:
         return configured
     cpus = int(ray.cluster_resources().get("CPU", 1))
     size = sum(os.path.getsize(f) for f in files)
-    return int(min(200, max(2 * cpus, size // (128 << 20))))
+    return int(min(200, n_buckets, max(2 * cpus, size // (128 << 20))))
 
 
 def n_shuffle_buckets(files: list[str]) -> int:
@@ -323,7 +353,7 @@ def build_dataset(planned: list, batch_size: int, partitions: int | None = None)
             direct.append(parsed)
     if grouped:
         flow = grouped[0].union(*grouped[1:]) if len(grouped) > 1 else grouped[0]
-        n = shuffle_partitions(shuffled_files, partitions)
+        n = shuffle_partitions(shuffled_files, partitions, n_buckets)
         direct.append(
             flow.groupby("bucket", num_partitions=n).map_groups(
                 combine_bucket, fn_kwargs={"plans": plans}, batch_format="pyarrow"
@@ -348,6 +378,54 @@ def check_counts(planned: list, counts: dict) -> None:
         raise InputError("\n".join(errors))
 
 
+class CountMismatch(ValueError):
+    """The outputs do not account for every input record: a bug, never committed."""
+
+
+def count_input(adapter, files: list[str], s) -> dict[str, int]:
+    """{file: input records}, read apart from the conversion (``readers.count_records``, with
+    the adapter's ``count_records`` when one record can hold several, e.g. an OASST tree line)."""
+    units = getattr(adapter, "count_records", None)
+    units = functools.partial(units, s=s) if units else None
+    if files:
+        return {f: count_records(f, s.limit, units) for f in files}
+    spec = s.path if isinstance(s.path, str) else s.path[0]
+    return {spec: _hub_count(spec, s.limit, units)}
+
+
+def _hub_count(spec: str, limit: int | None, units) -> int:
+    import datasets
+
+    from hetray.unify.sources.readers import _clean
+
+    name, split, config = hub_spec(spec)
+    hf = datasets.load_dataset(name, config, split=split)  # the stage's own load: cached
+    n = len(hf) if limit is None else min(limit, len(hf))
+    return n if units is None else sum(units(_clean(row)) for row in hf.select(range(n)))
+
+
+def check_input_counts(planned: list, counts: dict) -> None:
+    """Raise CountMismatch naming every source whose input records (counted apart from the
+    conversion) differ from ``used + rejected`` (counted from the outputs)."""
+    errors = []
+    for adapter, _, s in planned:
+        c = counts[s.name]
+        out = c["used"] + c["rejected"]
+        if c["input"] != out:
+            files = ", ".join(f"{os.path.basename(f)}: {n:,}" for f, n in list(c["files"].items())[:5])
+            more = f", ... ({len(c['files'])} files)" if len(c["files"]) > 5 else ""
+            errors.append(
+                f"source {s.name!r}: {c['input']:,} input records in its files ({files}{more}), but the "
+                f"outputs account for {out:,} ({c['used']:,} used in pairs or SFT rows + {c['rejected']:,} "
+                f"rejected)"
+            )
+    if errors:
+        raise CountMismatch(
+            "convert: records were lost or counted twice, so nothing was written. This is a bug in "
+            "hetray (a reader or an adapter); please report it with the input.\n" + "\n".join(errors)
+        )
+
+
 # ---------------------------------------------------------------------------- entry point
 
 
@@ -366,12 +444,19 @@ def run_convert(cfg: JobConfig, force: bool = False) -> dict:
         if cfg.convert.num_output_files:
             ds = ds.repartition(cfg.convert.num_output_files)
         sink = SplitParquetSink(str(tmp))
-        ds.write_datasink(sink)
+        with ThreadPoolExecutor(1) as pool:  # input records are counted while Ray converts
+            counting = {s.name: pool.submit(count_input, adapter, files, s) for adapter, files, s in planned}
+            ds.write_datasink(sink)
+            inputs = {name: f.result() for name, f in counting.items()}
         for folder, schema in OUTPUTS.items():  # readers always find a schema, even for 0 rows
             if not any((tmp / folder).glob("*.parquet")):
                 pq.write_table(schema.empty_table(), tmp / folder / "part-empty.parquet")
-        counts = {s.name: sink.counts.get(s.name, _empty_counts()) for _, _, s in planned}
+        counts = {}
+        for _, _, s in planned:
+            c = counts[s.name] = sink.counts.get(s.name, _empty_counts())
+            c["input"], c["files"] = sum(inputs[s.name].values()), inputs[s.name]
         check_counts(planned, counts)
+        check_input_counts(planned, counts)
         totals = {k: sum(c[k] for c in counts.values()) for k in ("pairs", "sft", "used", "rejected")}
         return {"counts": counts, "totals": totals}
 

@@ -74,8 +74,9 @@ def summarize_run(run_dir) -> dict:
     rejects: dict = defaultdict(dict)
     for (s, reason), n in count_by(run_dir / "rejects", ["source", "reason"]).items():
         rejects[s][reason] = n
-    sources = sorted(set(pairs) | set(sft) | set(rejects))
     manifest = read_manifest(run_dir / "preferences")
+    counts = (manifest or {}).get("counts", {})
+    sources = sorted(set(pairs) | set(sft) | set(rejects) | set(counts))  # a source with no rows too
     return {
         "run_dir": str(run_dir),
         "sources": {
@@ -84,8 +85,10 @@ def summarize_run(run_dir) -> dict:
                 "sft": sft.get(s, 0),
                 "rejects": dict(sorted(rejects.get(s, {}).items(), key=lambda kv: -kv[1])),
                 "quality": pairs.get(s, {}).get("quality"),
-                "input_records": (manifest or {}).get("counts", {}).get(s, {}).get("used", 0)
-                + sum(rejects.get(s, {}).values()),
+                # counted from the input files by the stage; older manifests: used + rejected
+                "input_records": counts.get(s, {}).get(
+                    "input", counts.get(s, {}).get("used", 0) + sum(rejects.get(s, {}).values())),
+                "files": counts.get(s, {}).get("files", {}),
             }
             for s in sources
         },
@@ -114,7 +117,14 @@ def format_convert_summary(summary: dict) -> str:
         n_rej = sum(d["rejects"].values())
         tot_pairs += d["pairs"]
         tot_rej += n_rej
-        lines.append(f"\n[{s}]  pairs {d['pairs']}  sft-only {d['sft']}  rejected records {n_rej}")
+        lines.append(f"\n[{s}]  pairs {d['pairs']}  sft-only {d['sft']}  rejected records {n_rej}  "
+                     f"input records {d['input_records']}")
+        files = d.get("files", {})
+        if 1 < len(files) <= 10:
+            lines.append("  files: " + ", ".join(f"{f} {n}" for f, n in files.items()))
+        empty = [f for f, n in files.items() if n == 0]
+        if empty and not 1 < len(files) <= 10:
+            lines.append("  empty input files (0 records): " + ", ".join(empty))
         lines.append("  " + _fmt_quality(d["quality"]))
         if d["rejects"]:
             lines.append("  rejects: " + ", ".join(f"{r} {n}" for r, n in d["rejects"].items()))

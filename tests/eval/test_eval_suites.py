@@ -510,3 +510,20 @@ def test_cli_runs_and_reports_bad_input(tmp_path, tiny_llama, capsys):
     assert main(["eval", "--models", f"t={tiny_llama}", "--suites", "nope", "--out", str(tmp_path / "y")]) == 2
     assert "'eval.suites.0'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_eval_readers_strip_a_utf8_bom(tmp_path):
+    """A BOM (as Excel and Notepad write it) must not turn the first row into an error."""
+    from hetray.eval import winobias, winogender
+
+    wg = tmp_path / "wg.jsonl"
+    wg.write_bytes(b'\xef\xbb\xbf{"qID": "q1", "sentence": "A _ b.", "option1": "a", "option2": "b", "answer": "1"}\n')
+    assert [(i["option1"], i["option2"]) for i in winogrande.load_items(str(wg))] == [("a", "b")]
+    src = FIXTURES / "winobias" / "pro_stereotyped_type1.txt.dev"
+    wb = tmp_path / src.name
+    wb.write_bytes(b"\xef\xbb\xbf" + src.read_bytes())
+    assert winobias.read_lines(wb) == winobias.read_lines(src)
+    src = FIXTURES / "winogender" / "all_sentences.tsv"
+    g = tmp_path / src.name
+    g.write_bytes(b"\xef\xbb\xbf" + src.read_bytes())
+    assert winogender.read_rows(g) == winogender.read_rows(src)

@@ -15,7 +15,8 @@ An adapter is one module in ``hetray.unify.sources`` with:
     record must end in exactly one output: in the provenance of a pair / SFT row, or a reject.
 ``needs_shuffle(s) -> bool``
     True when the items of one group can come from different input records (flat OASST
-    messages, WinoBias pro/anti files): the stage then groups them with a Ray Data shuffle.
+    messages, WinoBias pro/anti files, WinoGrande rows of one qID): the stage then groups them
+    with a Ray Data shuffle.
     False when a group never spans input records (an OASST tree per line): grouped per batch.
 ``check_counts(s, counts)`` (optional)
     after the stage's single pass, the source's counts (``pairs``, ``used``, ``rejected``,
@@ -23,6 +24,11 @@ An adapter is one module in ``hetray.unify.sources`` with:
     configured label that no record carries. ``labels`` tallies ``LABEL_NAMES``: an item's
     ``data`` may list under that key the label names its record has; the stage counts them
     per source (``tally_label_names``) and drops them before the shuffle.
+``count_records(obj, s) -> int`` (optional)
+    how many records (units of accounting) one input line or Parquet row holds, from its parsed
+    JSON object (None when it is not JSON); without it, one. The stage counts its input with it,
+    apart from ``parse``/``combine``, and fails unless ``input == used + rejected`` (an OASST tree
+    line holds one record per message).
 
 The functions are pure: no Ray, no I/O. ``convert_rows`` below runs an adapter over plain
 rows exactly as the Ray stage does, for tests and for small inputs.
@@ -34,7 +40,7 @@ import orjson
 from collections import defaultdict
 from typing import Iterable
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from hetray.schema import ITEM, REJECT, reject
 from hetray.settings import Strict
@@ -51,6 +57,16 @@ class SourceSettings(Strict):
     limit: int | None = Field(
         default=None, ge=1, description="read at most this many records per file (for smoke runs)"
     )
+
+    @field_validator("path")
+    @classmethod
+    def _some_path(cls, path, info: ValidationInfo):
+        name = info.data.get("name", "?")
+        if isinstance(path, list) and not path:
+            raise ValueError(f"source {name!r}: path is an empty list; give a file, folder or glob")
+        if any(not p.strip() for p in ([path] if isinstance(path, str) else path)):
+            raise ValueError(f"source {name!r}: path has an empty entry; give a file, folder or glob")
+        return path
 
 
 LABEL_NAMES = "label_names"  # optional key of an item's data: the label names its record carries

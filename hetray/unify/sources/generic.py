@@ -80,9 +80,10 @@ def file_columns(file: str) -> list[str] | None:
     None for a file with no non-blank line. Raises InputError when they cannot be read.
     """
     if readers.is_table(file):
-        return [c.strip().lstrip("\ufeff").strip('"') for c in readers.table_columns(file)]
+        return readers.table_columns(file)
     with open(file, "rb") as f:
-        for raw in f:
+        for n, raw in enumerate(f):
+            raw = raw.removeprefix(readers.BOM) if n == 0 else raw
             if raw.strip():
                 try:
                     obj = json.loads(raw)

@@ -73,7 +73,7 @@ from pydantic import Field, field_validator
 
 from hetray.schema import item, pair, record_id, reject
 from hetray.unify.sources.base import LABEL_NAMES, SourceSettings, decode_json, require_str
-from hetray.unify.sources.readers import InputError
+from hetray.unify.sources.readers import InputError, is_csv
 
 # Labels where a lower value is better; every other OASST label is higher-is-better.
 LOWER_IS_BETTER = {
@@ -297,10 +297,38 @@ def _flatten(root, tree_id, row: dict, s: Settings) -> list[dict]:
     return out
 
 
+_CSV_FLAGS = {"true": True, "false": False}
+
+
+def from_csv(obj: dict) -> dict:
+    """A csv / tsv row holds only strings (``readers``): an empty cell is null, and ``rank``, the
+    flags and ``labels`` / ``detoxify`` (JSON text) get their types back. A value that does not
+    parse stays a string, which the field's check then rejects, naming the field."""
+    obj = {k: (None if isinstance(v, str) and not v.strip() else v) for k, v in obj.items()}
+    rank = obj.get("rank")
+    if isinstance(rank, str):
+        try:
+            obj["rank"] = float(rank)
+        except ValueError:
+            pass
+    for field in ("deleted", "review_result", "synthetic"):
+        if isinstance(obj.get(field), str):
+            obj[field] = _CSV_FLAGS.get(obj[field].strip().lower(), obj[field])
+    for field in ("labels", "detoxify"):
+        if isinstance(obj.get(field), str):
+            try:
+                obj[field] = json.loads(obj[field])
+            except json.JSONDecodeError:
+                pass
+    return obj
+
+
 def parse(row: dict, s: Settings) -> list[dict]:
     obj, bad = decode_json(row, s.name)
     if bad:
         return [bad]
+    if is_csv(row["file"]):
+        obj = from_csv(obj)
     shape = detect_shape(obj) if s.shape == "auto" else s.shape
     if shape == "messages":
         return [_flat(obj, row, s)]
@@ -432,6 +460,25 @@ def combine(items: list[dict], s: Settings) -> list[dict]:
         if reason is not None:
             out.append(reject(s.name, it["file"], it["line"], mid, reason, detail))
     return pairs + out
+
+
+def count_records(obj, s: Settings) -> int:
+    """Messages in one input record (a line's JSON object, None when it is not JSON), counted
+    from the raw record alone, for the stage's check ``input == used + rejected``: a flat
+    message is 1, a tree or nested root every node reachable through ``replies`` lists."""
+    if not isinstance(obj, dict):
+        return 1
+    shape = detect_shape(obj) if s.shape == "auto" else s.shape
+    root = obj if shape == "nested" else obj.get("prompt") if shape == "trees" else None
+    if not isinstance(root, dict):
+        return 1
+    n, stack = 0, [root]
+    while stack:
+        node = stack.pop()
+        n += 1
+        if isinstance(node, dict) and isinstance(node.get("replies"), list):
+            stack.extend(node["replies"])
+    return n
 
 
 def needs_shuffle(s: Settings) -> bool:

@@ -6,6 +6,14 @@
   characters (so the reject shows what was there).
 * Tables (``.parquet``, ``.csv``, ``.tsv``): one record per row, ``text`` is the row as a JSON
   object and ``line`` the 1-based row number (for csv/tsv: the data row, header excluded).
+* CSV / TSV are read as text, every cell a string: no type inference, so a column that turns
+  from numbers to text half way cannot fail the read; adapters parse the values they need, per
+  row. A row with the wrong number of fields (``error="wrong_field_count"``), a cell that is not
+  UTF-8 (``"invalid_utf8"``) or a row the csv module cannot parse (``"malformed_csv"``) is a
+  record whose ``text`` says what is wrong: row, physical line and column. Header names are
+  stripped of whitespace; ``table_columns`` (run before any work) refuses a header that is not
+  UTF-8 or names a column twice.
+* A UTF-8 byte order mark at the start of any text file is dropped.
 
 Files are read as a stream of small batches: memory does not depend on the file size.
 ``iter_records`` is the plain-Python reader; ``RecordDatasource`` the Ray Data one; both use
@@ -14,10 +22,14 @@ the same batch functions, so they agree record for record.
 
 from __future__ import annotations
 
+import csv
 import glob
+import io
 import json
 import math
 import os
+import re
+import sys
 from typing import Iterator
 
 import pyarrow as pa
@@ -26,6 +38,9 @@ from hetray.schema import RAW_SCHEMA
 
 TABLE_EXTENSIONS = (".parquet", ".csv", ".tsv")
 BATCH_LINES = 4096
+BOM = b"\xef\xbb\xbf"
+_UNDECODED = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8 (surrogateescape)
+csv.field_size_limit(min(sys.maxsize, 1 << 31))  # a long answer is a cell, not an error
 
 
 class InputError(ValueError):
@@ -64,6 +79,10 @@ def is_table(path: str) -> bool:
     return path.lower().endswith(TABLE_EXTENSIONS)
 
 
+def is_csv(path: str) -> bool:
+    return path.lower().endswith((".csv", ".tsv"))
+
+
 def _line_batch(file: str, numbers: list[int], raws: list[bytes]) -> pa.Table:
     texts, errors = [], []
     for raw in raws:
@@ -73,6 +92,10 @@ def _line_batch(file: str, numbers: list[int], raws: list[bytes]) -> pa.Table:
         except UnicodeDecodeError:
             texts.append(raw.decode("utf-8", "replace"))
             errors.append("invalid_utf8")
+    return _raw(file, numbers, texts, errors)
+
+
+def _raw(file: str, numbers: list[int], texts: list, errors: list) -> pa.Table:
     return pa.table(
         {"file": [file] * len(numbers), "line": numbers, "text": texts, "error": errors},
         schema=RAW_SCHEMA,
@@ -100,6 +123,8 @@ def iter_line_batches(f, file: str, limit: int | None = None) -> Iterator[pa.Tab
     count = 0
     for n, raw in enumerate(_lines(f), start=1):
         raw = raw.rstrip(b"\r\n")
+        if n == 1:
+            raw = raw.removeprefix(BOM)
         if not raw.strip():
             continue
         numbers.append(n)
@@ -151,28 +176,90 @@ def _table_batch(file: str, start: int, batch: pa.RecordBatch) -> pa.Table:
 
 def iter_table_batches(f, file: str, limit: int | None = None) -> Iterator[pa.Table]:
     """A parquet / csv / tsv file object -> RAW_SCHEMA batches, one JSON object per row."""
-    lower = file.lower()
-    if lower.endswith(".parquet"):
-        import pyarrow.parquet as pq
+    if is_csv(file):
+        yield from iter_csv_batches(f, file, limit)
+        return
+    import pyarrow.parquet as pq
 
-        batches = pq.ParquetFile(f).iter_batches(batch_size=BATCH_LINES)
-    else:
-        import pyarrow.csv as pcsv
-
-        delimiter = "\t" if lower.endswith(".tsv") else ","
-        batches = pcsv.open_csv(
-            f,
-            parse_options=pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-            read_options=pcsv.ReadOptions(block_size=1 << 20),
-        )
     row = 1
-    for batch in batches:
+    for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_LINES):
         if limit is not None:
             batch = batch.slice(0, max(0, limit - (row - 1)))
         if batch.num_rows == 0:
             break
         yield _table_batch(file, row, batch)
         row += batch.num_rows
+
+
+def _csv_rows(f, file: str) -> Iterator[tuple[int, list[str] | None, str | None]]:
+    """``(first physical line, fields, csv error)`` of every non-empty row, header included.
+
+    Text is decoded with ``surrogateescape``: a byte that is not UTF-8 stays visible as a lone
+    surrogate in its cell (never silently replaced), and the caller names the cell.
+    """
+    text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    reader = csv.reader(text, delimiter="\t" if file.lower().endswith(".tsv") else ",", strict=False)
+    try:
+        while True:
+            start = reader.line_num + 1
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                yield start, None, str(e)
+                continue
+            if fields:  # [] is an empty line
+                yield start, fields, None
+    finally:
+        text.detach()  # closing the file is its owner's business
+
+
+def _header(fields: list[str]) -> list[str]:
+    return [name.strip() for name in fields]
+
+
+def _csv_error(number: int, start: int, fields: list[str] | None, header: list[str], error: str | None):
+    """``(reason, detail)`` when a data row cannot be a record, else None."""
+    where = f"row {number} (line {start})"
+    if error is not None:
+        return "malformed_csv", f"{where}: {error}"
+    if len(fields) != len(header):
+        return "wrong_field_count", (
+            f"{where}: expected {len(header)} fields ({', '.join(header)}), got {len(fields)}: {_excerpt(fields)}"
+        )
+    for name, value in zip(header, fields):
+        if _UNDECODED.search(value):
+            raw = value.encode("utf-8", "surrogateescape")
+            return "invalid_utf8", f"{where}, column {name!r}: not valid UTF-8: {raw[:200]!r}"
+    return None
+
+
+def _excerpt(fields: list[str]) -> str:
+    text = repr([v.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for v in fields])
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def iter_csv_batches(f, file: str, limit: int | None = None) -> Iterator[pa.Table]:
+    """A csv / tsv file object -> RAW_SCHEMA batches; every cell a string (see the module doc)."""
+    header, numbers, texts, errors = None, [], [], []
+    number = 0
+    for start, fields, error in _csv_rows(f, file):
+        if header is None:  # table_columns, run before any work, refuses a bad header
+            header = [_UNDECODED.sub("\ufffd", n) for n in _header(fields or [])]
+            continue
+        if limit is not None and number >= limit:
+            break
+        number += 1
+        bad = _csv_error(number, start, fields, header or [], error)
+        numbers.append(number)
+        texts.append(bad[1] if bad else json.dumps(dict(zip(header, fields)), ensure_ascii=False))
+        errors.append(bad[0] if bad else None)
+        if len(numbers) >= BATCH_LINES:
+            yield _raw(file, numbers, texts, errors)
+            numbers, texts, errors = [], [], []
+    if numbers:
+        yield _raw(file, numbers, texts, errors)
 
 
 def iter_file_batches(f, file: str, limit: int | None = None) -> Iterator[pa.Table]:
@@ -196,15 +283,107 @@ def peek_record(path: str | list[str]) -> dict | None:
 
 
 def table_columns(file: str) -> list[str]:
-    """Column names of a parquet / csv / tsv file without reading its rows."""
-    lower = file.lower()
-    if lower.endswith(".parquet"):
+    """Column names of a parquet / csv / tsv file without reading its rows (csv / tsv: as the
+    reader names them; [] for an empty file). Raises InputError for a header that is not UTF-8
+    or names a column twice."""
+    if not is_csv(file):
         import pyarrow.parquet as pq
 
         return pq.read_schema(file).names
     with open(file, "rb") as f:
-        header = f.readline().decode("utf-8", "replace").rstrip("\r\n")
-    return header.split("\t" if lower.endswith(".tsv") else ",")
+        start, fields, error = next(_csv_rows(f, file), (1, [], None))
+    if error is not None:
+        raise InputError(f"{file}: cannot read the header (line {start}): {error}")
+    names = _header(fields)
+    for name in names:
+        if _UNDECODED.search(name):
+            raw = name.encode("utf-8", "surrogateescape")
+            raise InputError(f"{file}: the header (line {start}) is not valid UTF-8: column {raw!r}")
+    twice = sorted({n for n in names if n and names.count(n) > 1})
+    if twice:
+        names_twice = ", ".join(map(repr, twice))
+        raise InputError(f"{file}: the header (line {start}) names column(s) {names_twice} more than once")
+    return names
+
+
+# ---------------------------------------------------------------------------- counting
+
+
+def count_records(file: str, limit: int | None = None, units=None) -> int:
+    """Input records of one file, counted without the conversion path, for the stage's check
+    ``input == used + rejected``: non-blank lines (a first-line BOM dropped), csv / tsv rows by
+    Arrow's own CSV parser (not the csv module the reader uses), Parquet rows from the file's
+    metadata. ``units(obj) -> int``, when given, says how many records one line or Parquet row
+    holds (an OASST tree line: its messages); it gets the parsed JSON object, or None when the
+    line is not JSON."""
+    if is_csv(file):
+        return _count_csv(file, limit)
+    if file.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(file)
+        if units is None:
+            n = pf.metadata.num_rows
+            return n if limit is None else min(n, limit)
+        total = rows = 0
+        for batch in pf.iter_batches(batch_size=BATCH_LINES):
+            for obj in batch.to_pylist():
+                if limit is not None and rows >= limit:
+                    return total
+                rows += 1
+                total += units(_clean(obj))
+        return total
+    import orjson
+
+    total = rows = 0
+    with open(file, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if n == 1:
+                raw = raw.removeprefix(BOM)
+            if not raw.strip():
+                continue
+            if limit is not None and rows >= limit:
+                break
+            rows += 1
+            if units is None:
+                total += 1
+                continue
+            try:
+                obj = orjson.loads(raw.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                obj = None
+            total += units(obj)
+    return total
+
+
+def _count_csv(file: str, limit: int | None) -> int:
+    import pyarrow.csv as pcsv
+
+    ragged = 0
+
+    def count_ragged(row) -> str:
+        nonlocal ragged
+        ragged += 1
+        return "skip"
+
+    try:
+        reader = pcsv.open_csv(
+            file,
+            # the header is read as a row too, then subtracted; f0 only, as bytes: nothing decoded
+            read_options=pcsv.ReadOptions(autogenerate_column_names=True, block_size=1 << 26),
+            parse_options=pcsv.ParseOptions(
+                delimiter="\t" if file.lower().endswith(".tsv") else ",",
+                newlines_in_values=True, invalid_row_handler=count_ragged,
+            ),
+            convert_options=pcsv.ConvertOptions(include_columns=["f0"], column_types={"f0": pa.binary()}),
+        )
+        rows = sum(batch.num_rows for batch in reader)
+    except pa.ArrowInvalid as e:
+        if "Empty CSV file" in str(e):
+            return 0
+        raise InputError(f"{file}: cannot count its rows: {e}") from None
+    n = max(0, rows + ragged - 1)
+    return n if limit is None else min(n, limit)
 
 
 def make_datasource(files: list[str], limit: int | None = None):

@@ -58,7 +58,7 @@ class Settings(SourceSettings):
 def load_occupation_stats(path: str) -> dict[str, float]:
     """``occupations-stats.tsv`` -> ``{occupation: bls_pct_female}``. Raises InputError."""
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a BOM is no part of the header
             reader = csv.DictReader(f, delimiter="\t")
             header, rows = reader.fieldnames or [], list(reader)
     except (OSError, UnicodeDecodeError) as e:

@@ -7,7 +7,10 @@ option, rejected = the other. WinoGrande has no ordered score, so ``quality`` is
 Rejects: ``no_answer`` (the test split has no ``answer``), ``bad_answer`` (not "1"/"2"),
 ``no_blank`` (the sentence has no ``_``), ``same_options``, ``held_out`` (``holdout`` is set and
 the row's ``qID`` is kept for evaluation: ``hetray.pairs.holdout``, the same rows
-``eval.winogrande.holdout`` scores), and the shared JSON/field reasons.
+``eval.winogrande.holdout`` scores), ``duplicate_id`` (a good row whose ``qID`` an earlier good
+row has, in file then line order: one pair per qID, so no two pairs share a ``pair_id``), and the
+shared JSON/field reasons. Finding duplicates anywhere in the input needs the rows of one qID
+together: a good row is an item grouped by its qID (``needs_shuffle`` is True).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Literal
 from pydantic import Field
 
 from hetray.pairs import holdout
-from hetray.schema import pair, reject
+from hetray.schema import item, pair, reject
 from hetray.unify.sources.base import SourceSettings, decode_json, require_str
 
 
@@ -55,12 +58,20 @@ def parse(row: dict, s: Settings) -> list[dict]:
     chosen, rejected = (
         (fields["option1"], fields["option2"]) if answer == "1" else (fields["option2"], fields["option1"])
     )
-    return [pair(s.name, fields["sentence"], chosen, rejected, [rid])]
+    data = {"prompt": fields["sentence"], "chosen": chosen, "rejected": rejected}
+    return [item(rid, row["file"], row["line"], rid, data)]
 
 
-def combine(items: list[dict], s: Settings) -> list[dict]:  # pragma: no cover - never grouped
-    raise AssertionError("winogrande rows are converted one by one")
+def combine(items: list[dict], s: Settings) -> list[dict]:
+    """The rows of one qID: the first (file, line) is the pair, any other a ``duplicate_id``."""
+    first, *later = sorted(items, key=lambda it: (it["file"], it["line"]))
+    d = first["data"]
+    out = [pair(s.name, d["prompt"], d["chosen"], d["rejected"], [first["record_id"]])]
+    for it in later:
+        detail = f"qID {it['record_id']!r} also at {first['file']}:{first['line']}, which became the pair"
+        out.append(reject(s.name, it["file"], it["line"], it["record_id"], "duplicate_id", detail))
+    return out
 
 
 def needs_shuffle(s: Settings) -> bool:
-    return False
+    return True
