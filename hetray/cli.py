@@ -1,24 +1,35 @@
 """The ``hetray`` command line.
 
+    hetray run jobs/quickstart.yaml [key.sub=value ...]     # every stage of the job, in order
+    hetray run --config jobs/quickstart.yaml [...]          # the same
+    hetray run jobs/paper.yaml --check                      # only the preflight: every input, in seconds
     hetray convert --config jobs/quickstart.yaml [key.sub=value ...] [--force]
-    hetray inspect PATH
     hetray embed|cluster --config jobs/quickstart.yaml [overrides]
     hetray select --config jobs/quickstart.yaml [--fraction F] [--n-clusters K] [overrides]
     hetray train sft|reward|ppo|rloo|dpo --config jobs/quickstart.yaml [overrides] [--force]
-    hetray run jobs/quickstart.yaml [key.sub=value ...]     # every stage of the job, in order
-    hetray run jobs/paper.yaml --check                      # only the preflight: every input, in seconds
     hetray eval --models base=smollm2-135m-instruct,sft=runs/x/sft/merged --suites winobias,chat
     hetray tune --config jobs/quickstart.yaml [overrides]  # Ray Tune over n_clusters / fraction
+    hetray inspect PATH                                     # a run directory, a stage folder, a Parquet file
+    hetray config show JOB [overrides]                      # the resolved job, every default filled in
+    hetray config schema                                    # every key: type, default, help
+    hetray --version
+
+The terminal shows hetray's own lines (each stage's start and end with its wall time, results,
+where the outputs are); Ray's output goes to ``<run_dir>/logs/hetray.log`` (``console``), and
+``-v`` brings it back. An error is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
+from hetray import __version__
 from hetray.config import ConfigError, load_config
+from hetray.orchestrate import console
 from hetray.orchestrate.ray_init import init_ray
 from hetray.stage import RunDirBusy
 from hetray.train import STAGES as TRAIN_STAGES
@@ -27,7 +38,9 @@ from hetray.unify.sources.readers import InputError
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hetray", description="Fine-tune LLMs from heterogeneous feedback.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="Ray's output on the terminal too (workers, Ray Data, Train, Tune) and hetray's debug lines")
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="sources -> preferences/ (+ sft_only/, rejects/, manifest)")
@@ -38,7 +51,7 @@ def make_parser() -> argparse.ArgumentParser:
     for name, help_ in (
         ("embed", "preferences/ -> embeddings/ (distinct prompts, sentence-transformer vectors)"),
         ("cluster", "embeddings/ -> clusters/ (distributed k-means)"),
-        ("select", "preferences/ + clusters/ -> selected/ (D_train) + selection report"),
+        ("select", "preferences/ + clusters/ -> selected/ (D_train) + selected_report/"),
     ):
         e = sub.add_parser(name, help=help_)
         e.add_argument("--config", required=True, help="job YAML")
@@ -67,8 +80,15 @@ def make_parser() -> argparse.ArgumentParser:
 
     tune_arguments(tu)
 
-    i = sub.add_parser("inspect", help="summarise any hetray output (run dir, folder, parquet file)")
-    i.add_argument("path")
+    i = sub.add_parser("inspect", help="summarise any hetray output (run dir, stage folder, parquet file)")
+    i.add_argument("path", help="a run directory, a stage folder (preferences/, sft/, eval/, ...) or a Parquet file")
+
+    co = sub.add_parser("config", help="the job settings: `show JOB` (resolved) or `schema` (every key)")
+    what = co.add_subparsers(dest="action", required=True, metavar="{show,schema}")
+    sh = what.add_parser("show", help="the job as hetray runs it: overrides applied, every default filled in (YAML)")
+    sh.add_argument("job", help="job YAML, e.g. jobs/quickstart.yaml")
+    sh.add_argument("overrides", nargs="*", help="dotted overrides, e.g. select.fraction=0.4")
+    what.add_parser("schema", help="every key of a job YAML with its type, default and help")
 
     r = sub.add_parser("run", help="every stage of a job (pipeline.stages), in order; done stages are skipped")
     r.add_argument("job", nargs="?", help="job YAML, e.g. jobs/quickstart.yaml (or --config)")
@@ -107,11 +127,13 @@ def _stage(name: str, cfg, force: bool) -> None:
 
         run_embed(cfg)
         run_cluster(cfg)
+        from hetray.orchestrate.inspect import selection_report
+
         m = run_select(cfg, force=force)
         print(
             f"selected: {m['pairs_selected']} of {m['pairs_in']} pairs (fraction {cfg.select.fraction}, "
             f"k={cfg.cluster.n_clusters}) -> {cfg.run_dir}/selected\n"
-            f"report: {cfg.run_dir}/selected/{m['report']['markdown']}"
+            f"report: {selection_report(Path(cfg.run_dir) / 'selected', m)}"
         )
 
 
@@ -139,18 +161,17 @@ def _run(args) -> None:
     from hetray.orchestrate.pipeline import run_pipeline
     from hetray.orchestrate.run_report import format_run_report
 
-    job, overrides = args.job, list(args.overrides)
-    if args.config:  # `run --config JOB a=b`: the positional slot caught the first override
-        job, overrides = args.config, ([args.job] if args.job else []) + overrides
+    job, overrides = _job_of(args)
     if not job:
         raise ConfigError("hetray run: give the job YAML (hetray run JOB, or --config JOB)")
     cfg = load_config(job, overrides)
     if args.check:
         return _check(cfg)
     summary = run_pipeline(cfg, args.force)
-    print("\n" + format_run_report(summary))
-    report = Path(cfg.run_dir) / "report.md"
-    print(f"\nreport: {summary['eval_report'] or (report if report.exists() else cfg.run_dir)}")
+    print("\n" + format_run_report(summary, terminal=True))
+    run_report, eval_report = Path(cfg.run_dir) / "report.md", summary["eval_report"]
+    print(f"\nreport: {console.shown(run_report if run_report.exists() else cfg.run_dir)}"
+          + (f"  evaluation: {console.shown(eval_report)}" if eval_report else ""))
 
 
 def _check(cfg) -> None:
@@ -168,43 +189,137 @@ def _check(cfg) -> None:
     print(f"preflight: no problems in {len(report.checks)} checks ({cfg.name})")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _version() -> str:
+    from importlib import metadata
+
     try:
-        if args.command == "tune":
-            from hetray.orchestrate.tune import cli as tune_cli
+        ray = metadata.version("ray")
+    except metadata.PackageNotFoundError:
+        ray = "not installed"
+    return f"hetray {__version__} (Ray {ray}, Python {sys.version.split()[0]})"
 
-            return tune_cli(args)
-        if args.command == "eval":
-            _eval(args)
-        elif args.command == "inspect":
-            from hetray.unify.summary import inspect
 
-            print(inspect(args.path))
-        elif args.command == "run":
-            _run(args)
-        else:  # one stage
-            overrides = list(args.overrides)
-            if getattr(args, "n_clusters", None) is not None:
-                overrides.append(f"cluster.n_clusters={args.n_clusters}")
-            if getattr(args, "fraction", None) is not None:
-                overrides.append(f"select.fraction={args.fraction}")
-            cfg = load_config(args.config, overrides)
-            init_ray(cfg.ray)
-            if args.command == "convert":
-                _convert(cfg, args.force)
-            elif args.command == "train":
-                _train(args.stage, cfg, args.force)
-            else:
-                _stage(args.command, cfg, args.force)
-    except (ConfigError, InputError, RunDirBusy, FileNotFoundError, ValueError) as e:
-        print(f"hetray: error: {e}", file=sys.stderr)
+def _config(args) -> None:
+    """``hetray config show JOB`` / ``hetray config schema``."""
+    import yaml
+
+    from hetray.config import format_schema
+
+    if args.action == "schema":
+        print(format_schema())
+        return
+    cfg = load_config(args.job, list(args.overrides))
+    print(f"# {args.job}{' ' + ' '.join(args.overrides) if args.overrides else ''}: resolved, every default filled in")
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, width=110).rstrip())
+
+
+def _job_of(args) -> tuple[str | None, list[str]]:
+    """The job YAML and overrides of a command (``run JOB``, ``run --config JOB``, ``--config``)."""
+    job, overrides = getattr(args, "config", None), list(getattr(args, "overrides", None) or [])
+    if args.command == "run":
+        if not job:
+            job = args.job
+        elif args.job:  # `run --config JOB a=b`: the positional slot caught the first override
+            overrides = [args.job] + overrides
+    return job, overrides
+
+
+def _run_dir_of(args) -> str | None:
+    """Where this command's log file goes (``<run_dir>/logs/hetray.log``); None: none (commands
+    without a job; ``run --check``, which writes nothing)."""
+    if args.command in ("inspect", "config") or getattr(args, "check", False):
+        return None
+    job, overrides = _job_of(args)
+    if args.command == "eval" and job:
+        overrides = []  # eval's overrides are eval settings, not job keys
+    try:
+        return load_config(job, overrides).run_dir if job else None
+    except ConfigError:
+        return None  # the command itself reports it
+
+
+# what a person can fix: one line, no traceback
+USER_ERRORS = (ConfigError, InputError, RunDirBusy, FileNotFoundError, ValueError, PermissionError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        # argparse takes no positionals after an option (`run JOB --force a=b`): overrides still
+        stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        if extra:
+            args.overrides = list(args.overrides) + extra
+    except SystemExit as e:  # --help / --version: 0; a usage error (argparse wrote it to stderr): 2
+        return e.code if isinstance(e.code, int) else 0
+    console.setup(args.verbose)
+    try:
+        run_dir = _run_dir_of(args)
+        if run_dir is not None:
+            console.attach_log_file(run_dir)
+        code = _dispatch(args)
+    except USER_ERRORS as e:
+        logging.getLogger("hetray.cli").debug("error", exc_info=True)
+        print(f"hetray: error: {e}", file=sys.stderr, flush=True)
         return 2
-    return 0
+    except KeyboardInterrupt:
+        print("hetray: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except Exception as e:  # noqa: BLE001  (a crash: one line here, the traceback in the log file)
+        _crash(e, args.verbose)
+        return 2
+    return code or 0
+
+
+def _crash(e: Exception, verbose: bool) -> None:
+    """A line naming the error; its traceback in the log file (on the terminal with -v, or when
+    the command has no log file)."""
+    where = console.log_file()
+    if where is None or verbose:
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+    else:
+        logging.getLogger("hetray.cli").debug("crash", exc_info=True)
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    # a remote error's text is a traceback whose last line names the error (ValueError: ...)
+    msg = last if re.match(r"[\w.]+(Error|Exception)\b", last) else f"{type(e).__name__}: {last}"
+    print(f"hetray: error: {msg}" + (f" (traceback in {where})" if where and not verbose else ""),
+          file=sys.stderr, flush=True)
+
+
+def _dispatch(args) -> int | None:
+    if args.command == "tune":
+        from hetray.orchestrate.tune import cli as tune_cli
+
+        return tune_cli(args)
+    elif args.command == "eval":
+        _eval(args)
+    elif args.command == "inspect":
+        from hetray.orchestrate.inspect import inspect
+
+        print(inspect(args.path))
+    elif args.command == "config":
+        _config(args)
+    elif args.command == "run":
+        _run(args)
+    else:  # one stage
+        overrides = list(args.overrides)
+        if getattr(args, "n_clusters", None) is not None:
+            overrides.append(f"cluster.n_clusters={args.n_clusters}")
+        if getattr(args, "fraction", None) is not None:
+            overrides.append(f"select.fraction={args.fraction}")
+        cfg = load_config(args.config, overrides)
+        init_ray(cfg.ray)
+        if args.command == "convert":
+            _convert(cfg, args.force)
+        elif args.command == "train":
+            _train(args.stage, cfg, args.force)
+        else:
+            _stage(args.command, cfg, args.force)
 
 
 if __name__ == "__main__":

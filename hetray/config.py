@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
+from pydantic.fields import FieldInfo
 
 from hetray.eval.config import EvalConfig
 from hetray.orchestrate.config import PipelineConfig, TuneConfig
@@ -38,6 +40,10 @@ class RayConfig(Strict):
     num_cpus: int | None = Field(default=None, ge=1, description="CPUs for a local Ray (None: all)")
     object_store_memory: int | None = Field(
         default=None, ge=1 << 27, description="bytes for a local Ray's object store (None: Ray's default)"
+    )
+    include_dashboard: Literal["auto"] | bool = Field(
+        default="auto", description="a local Ray's dashboard on 127.0.0.1 (auto: when its packages are "
+        "installed and the machine has 8 GB of memory); Ray Train's controller polls its State API"
     )
 
 
@@ -130,3 +136,105 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     except ValidationError as e:
         origin = f"{path}" + (" (with overrides)" if overrides else "")
         raise ConfigError(_explain(e, origin)) from None
+
+
+# ---------------------------------------------------------------------------- `hetray config schema`
+
+
+def schema_rows(model: type[BaseModel] = JobConfig, prefix: str = "",
+                defaults: BaseModel | None = None) -> list[tuple[str, str, str, str]]:
+    """``(key, type, default, help)`` for every setting of ``model``, its sections walked; a
+    list of sources once per format (``convert.sources[format=oasst].label``). ``defaults``: the
+    section's default instance (``train.reward.lora.r`` is 8, not LoraSettings' 16)."""
+    rows = []
+    for name, field in model.model_fields.items():
+        key = prefix + name
+        default = _default(field, defaults, name)
+        models = _models_in(field.annotation)
+        if models and not _scalar_part(field.annotation):
+            origin = get_origin(field.annotation)
+            rows.append((key, _type_name(field.annotation), default, field.description or ""))
+            suffix = "[]" if origin is list else ".<name>" if origin is dict else ""
+            for m in models:
+                tag = m.model_fields.get("format")
+                label = f"[format={tag.default}]" if len(models) > 1 and tag is not None else suffix
+                inner = _instance(field, defaults, name) if origin not in (list, dict) else None
+                rows += schema_rows(m, f"{key}{label}.", inner if isinstance(inner, m) else None)
+            continue
+        rows.append((key, _type_name(field.annotation) + _constraints(field), default, field.description or ""))
+    return rows
+
+
+def format_schema() -> str:
+    """What `hetray config schema` prints: every key with its type, default and help."""
+    rows = schema_rows()
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    w[1], w[2] = min(w[1], 34), min(w[2], 24)
+    lines = [f"{'key':<{w[0]}}  {'type':<{w[1]}}  {'default':<{w[2]}}  help"]
+    lines += [f"{k:<{w[0]}}  {t:<{w[1]}}  {d:<{w[2]}}  {h}".rstrip() for k, t, d, h in rows]
+    return "\n".join(lines)
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for a in get_args(annotation) for m in _models_in(a)]
+
+
+def _scalar_part(annotation) -> bool:
+    """Whether a union holds a non-model, non-None member too (``Literal['auto'] | Model``)."""
+    if get_origin(annotation) not in (Union, UnionType):
+        return False
+    return any(a is not type(None) and not _models_in(a) for a in get_args(annotation))
+
+
+def _type_name(a) -> str:
+    origin, args = get_origin(a), get_args(a)
+    if a is type(None):
+        return "null"
+    if a is Any:
+        return "any"
+    if origin is Annotated:
+        return _type_name(args[0]) + "".join(_bound(m) for m in args[1:])
+    if origin is Literal:
+        return "|".join(str(v) for v in args)
+    if origin in (Union, UnionType):
+        return " | ".join(dict.fromkeys(_type_name(x) for x in args))
+    if origin in (list, tuple, set):
+        return f"list[{', '.join(_type_name(x) for x in args if x is not Ellipsis)}]"
+    if origin is dict:
+        return f"dict[{', '.join(_type_name(x) for x in args)}]"
+    if isinstance(a, type) and issubclass(a, BaseModel):
+        return "section"
+    return getattr(a, "__name__", str(a))
+
+
+def _bound(meta) -> str:
+    if isinstance(meta, FieldInfo):
+        return "".join(_bound(m) for m in meta.metadata)
+    out = []
+    for attr, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("min_length", "len >=")):
+        if getattr(meta, attr, None) is not None:
+            out.append(f" {sign} {getattr(meta, attr)}")
+    return "".join(out)
+
+
+def _constraints(field: FieldInfo) -> str:
+    return "".join(_bound(m) for m in field.metadata)
+
+
+def _instance(field: FieldInfo, defaults: BaseModel | None, name: str):
+    if defaults is not None:
+        return getattr(defaults, name)
+    return None if field.is_required() else field.get_default(call_default_factory=True)
+
+
+def _default(field: FieldInfo, defaults: BaseModel | None, name: str) -> str:
+    if defaults is None and field.is_required():
+        return "required"
+    value = _instance(field, defaults, name)
+    if isinstance(value, BaseModel):
+        return ""
+    if isinstance(value, str):
+        return value
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()

@@ -328,10 +328,12 @@ def run_stage(stage: Stage, work: Callable[[Path], dict | None], force: bool = F
     with locked(stage.root) as root:
         fingerprints = stage.fingerprints()
         key = stage_key(stage.name, stage.config, fingerprints)
+        where = _shown(stage.out_dir)
         if not force and stage.up_to_date(key):
-            log.info("%s: %s is up to date (key %s), skipping", stage.name, stage.out_dir, key)
+            log.info("[%s] up to date, skipped: %s (key %s)", stage.name, where, key)
             return read_manifest(stage.out_dir)
         started = time.time()
+        log.info("[%s] started -> %s", stage.name, where)
         tmp = root / f"{TMP_PREFIX}{stage.name}-{uuid.uuid4().hex[:8]}"
         for name in stage.outputs:
             (tmp / "new" / name).mkdir(parents=True)
@@ -340,7 +342,19 @@ def run_stage(stage: Stage, work: Callable[[Path], dict | None], force: bool = F
             manifest = new_manifest(stage, key, fingerprints, started)
             manifest.update(extra)
             _commit(root, tmp, stage.outputs, manifest)
+        except BaseException as e:
+            log.info("[%s] failed after %.1f s: %s", stage.name, time.time() - started, type(e).__name__)
+            raise
         finally:
             if not (tmp / JOURNAL).exists():  # failed before the commit began: nothing to repair
                 shutil.rmtree(tmp, ignore_errors=True)
+        log.info("[%s] done in %.1f s", stage.name, time.time() - started)
         return manifest
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the working directory when it lies inside it (shorter on a terminal)."""
+    try:
+        return path.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)

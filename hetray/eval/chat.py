@@ -8,10 +8,14 @@ answer, aggregated as rates:
 * ``non_empty``: the answer has some non-blank text;
 * ``repeats_prompt``: the answer only echoes the prompt (the prompt is in it, or it is a piece
   of the prompt), after lower-casing and dropping punctuation;
-* ``stops``: generation ended by itself (EOS) before ``max_new_tokens``;
+* ``stops``: generation ended by itself (an EOS token) before ``max_new_tokens`` ran out;
 * ``repeated_ngram_rate``: share of word 4-grams that already occurred earlier in the answer
   (rep-n of Welleck et al., 2019; numbers are not words here, so list counters do not hide a
   loop): degenerate loops score near 1.
+
+``new_tokens`` and ``stops`` are read from the generated token ids (``Scorer.generations``), never
+from re-tokenising the answer's text (which need not give the same tokens back: a reply cut at
+48 tokens could count 49).
 
 ``score_items`` -> ``aggregate`` over ``EvalConfig.chat.prompts`` is the suite (``SUITE``).
 """
@@ -44,28 +48,23 @@ def repeated_ngram_rate(text: str, n: int = NGRAM) -> float:
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-def signals(prompt: str, response: str, new_tokens: int, max_new_tokens: int) -> dict:
-    """The automatic signals of one answer (``new_tokens``: generated tokens, EOS excluded)."""
+def signals(prompt: str, response: str, eos: bool) -> dict:
+    """The automatic signals of one answer (``eos``: its generation ended at an EOS token)."""
     return {
         "non_empty": bool(response.strip()),
         "repeats_prompt": repeats_prompt(prompt, response),
-        "stops": new_tokens < max_new_tokens,
+        "stops": bool(eos),
         "repeated_ngram_rate": repeated_ngram_rate(response),
     }
 
 
 def score_items(scorer, prompts: list[str], max_new_tokens: int) -> list[dict]:
-    tok = scorer.tokenizer
     # The prompt as the model was tuned to see it: one user turn of its chat template, if any.
-    chat = bool(getattr(tok, "chat_template", None))
-    responses = scorer.generate(list(prompts), max_new_tokens, chat=chat)
+    chat = bool(getattr(scorer.tokenizer, "chat_template", None))
     records = []
-    for prompt, response in zip(prompts, responses):
-        # The scorer returns text only: a reply that used up max_new_tokens re-tokenizes to
-        # max_new_tokens tokens; one that stopped at EOS to fewer (EOS is not in the text).
-        n = len(tok(response, add_special_tokens=False)["input_ids"])
-        records.append({"prompt": prompt, "response": response, "new_tokens": n,
-                        **signals(prompt, response, n, max_new_tokens)})
+    for prompt, g in zip(prompts, scorer.generations(list(prompts), max_new_tokens, chat=chat)):
+        records.append({"prompt": prompt, "response": g.text, "new_tokens": g.new_tokens,
+                        **signals(prompt, g.text, g.eos)})
     return records
 
 

@@ -92,6 +92,10 @@ class EvalConfig(Strict):
         default=None, description="model the others are compared with, pair by pair (None: 'base' if "
         "evaluated, else the first model)",
     )
+    report_to: Literal["tensorboard", "none"] | None = Field(
+        default=None, description="where the metrics are logged besides metrics.json: tensorboard (a writer per "
+        "model under eval/tensorboard/); None: as train.report_to (tensorboard unless set otherwise)",
+    )
     winobias: WinoBiasSettings = Field(default_factory=WinoBiasSettings)
     winogender: WinoGenderSettings = Field(default_factory=WinoGenderSettings)
     winogrande: WinoGrandeSettings = Field(default_factory=WinoGrandeSettings)

@@ -1,6 +1,8 @@
 """What an evaluation leaves in its folder: ``metrics.json``, ``records/``, the suites' own files
-(``chat.md``) and the report. Every path written into ``metrics.json`` is relative to that folder,
-so the folder may be moved (the pipeline writes it in a temporary place, then moves it)."""
+(``chat.md``), the report, the lm-evaluation-harness results files (``lm_eval/``) and, with
+TensorBoard as the tracker, ``tensorboard/`` (``hetray.eval.export``). Every path written into
+``metrics.json`` is relative to that folder, so the folder may be moved (the pipeline writes it in
+a temporary place, then moves it)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import time
 from pathlib import Path
 
 from hetray.eval.config import EvalConfig
+from hetray.eval.export import write_lm_eval, write_tensorboard
 from hetray.eval.report import write_report
 from hetray.eval.suites import SUITES
 from hetray.stage import versions
@@ -53,7 +56,7 @@ def write_records(records: list[dict], out: Path, suite: str) -> str:
 
 
 def write_outputs(out: Path, models: dict[str, str], cfg: EvalConfig, seed: int, extra: dict, rewards: dict,
-                  measured, started: float) -> dict:
+                  measured, started: float, tensorboard: bool = False) -> dict:
     """Write everything; return what ``metrics.json`` holds. ``measured``: the runner's
     per-model metrics (with CIs), groups, wall times, per-suite records, and the paired
     differences against the baseline (``_meta.paired``; shape: ``hetray.eval.stats``)."""
@@ -66,6 +69,9 @@ def write_outputs(out: Path, models: dict[str, str], cfg: EvalConfig, seed: int,
             paths.update(SUITES[suite].write(by_model, out))
     paths["report"] = write_report(measured.metrics, out, run_info=extra, paired=finite(measured.paired),
                                    bootstrap=measured.bootstrap)
+    paths["lm_eval"] = write_lm_eval(out, models, measured, cfg, seed, started, time.time())
+    if tensorboard:
+        paths["tensorboard"] = write_tensorboard(out, measured.metrics)
     result = {**measured.metrics, META: {
         "models": dict(models), "suites": list(measured.records), "seed": seed,
         "config": cfg.model_dump(mode="json"), "runs": extra, "reward_models": rewards,

@@ -4,16 +4,27 @@ With several actors a suite's items are split into contiguous chunks, one per ac
 records concatenated in item order; a suite's metrics come from its records alone, so they are
 the ones one process gives (up to float rounding). The evaluation never starts Ray: with
 ``num_workers > 1`` the caller (``hetray eval``, the pipeline) must have started it.
+
+A long suite (more than ``PROGRESS_STEPS`` batches per worker) is scored in about
+``PROGRESS_STEPS`` consecutive slices of its items, with one log line after each: progress every
+~10%, not a line per batch.
 """
 
 from __future__ import annotations
 
+import logging
 import random
+import time
 
 from hetray.eval.config import EvalConfig
 from hetray.eval.reward import RewardModel
 from hetray.eval.scoring import Scorer
 from hetray.eval.suites import SUITES
+
+
+log = logging.getLogger(__name__)
+
+PROGRESS_STEPS = 10
 
 
 class EvalError(ValueError):
@@ -45,6 +56,7 @@ class Pool:
 
     def __init__(self, kind: str, name: str, path: str, cfg: EvalConfig, seed: int):
         self.actors, self.local = [], None
+        self.batch_size = cfg.batch_size
         cfg_json = cfg.model_dump(mode="json")
         try:
             if cfg.num_workers == 1:
@@ -73,7 +85,21 @@ class Pool:
             self.close()
             raise EvalError(f"model {name!r} ({path}) could not be loaded: {_cause(e)}") from e
 
-    def score(self, suite: str, items: list) -> list[dict]:
+    def score(self, suite: str, items: list, label: str | None = None) -> list[dict]:
+        """One record per item, in item order. ``label`` (e.g. "eval sft winobias"): log the
+        progress of a long suite about every 10% of its items."""
+        n = len(items)
+        step = max(-(-n // PROGRESS_STEPS), self.batch_size * max(1, len(self.actors)))
+        if label is None or step >= n:
+            return self._score(suite, items)
+        records, started = [], time.time()
+        for start in range(0, n, step):
+            records += self._score(suite, items[start:start + step])
+            log.info("%s: %d/%d items (%d%%), %.0f s", label, len(records), n, 100 * len(records) // n,
+                     time.time() - started)
+        return records
+
+    def _score(self, suite: str, items: list) -> list[dict]:
         if self.local is not None:
             return self.local.score(suite, items)
         import ray

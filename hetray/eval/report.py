@@ -147,7 +147,8 @@ def _html_table(header, cells, bold) -> str:
         "<tr>" + "".join(f"<td><b>{html.escape(c)}</b></td>" if x else f"<td>{html.escape(c)}</td>"
                          for c, x in zip(row, b)) + "</tr>"
         for row, b in zip(cells, bold))
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    # a wide table scrolls inside its own box; the page never gets wider than the window
+    return f"<div class='table'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
 def error_bar(row: dict, key: str) -> list[list[float]] | None:
@@ -273,13 +274,23 @@ def write_report(metrics_by_model: dict, out_dir, run_info: dict[str, dict] | No
         md += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plot_files] + [""]
         body.append("<h2>Plots</h2>" + "".join(f'<p><img src="{p}" alt="{Path(p).stem}"></p>' for p in plot_files))
     (out / "report.md").write_text("\n".join(md) + "\n")
-    style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}td:first-child{text-align:left}")
     (out / "report.html").write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>Evaluation report</title><style>{style}</style>"
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>Evaluation report</title><style>{STYLE}</style>"
         f"</head><body><h1>Evaluation report</h1><p>models: {html.escape(', '.join(metrics_by_model))}</p>"
         + "".join(body) + "</body></html>\n")
     return {"markdown": "report.md", "html": "report.html", "plots": plot_files}
+
+
+# The page fits the window (a laptop's 1366 px too): images scale down to the text width, a wide
+# table scrolls in its own box, long words wrap. Checked by benchmarks/screenshot_report.py.
+STYLE = ("*{box-sizing:border-box}"
+         "body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em;overflow-wrap:anywhere}"
+         "img{max-width:100%;height:auto;display:block}"
+         ".table{max-width:100%;overflow-x:auto}table{border-collapse:collapse}"
+         "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right;overflow-wrap:normal}"
+         "td:first-child{text-align:left}")
 
 
 def ci_legend(bootstrap: dict, paired: bool) -> str:

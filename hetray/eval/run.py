@@ -15,7 +15,13 @@ versions, models, wall time per suite, ``bootstrap`` and ``paired`` (every model
 baseline, item by item: ``hetray.eval.stats`` has the exact shape), and the output files
 relative to ``out_dir``), ``records/<suite>.parquet`` (every item of every model, with a
 ``model`` column; ``.jsonl`` when a suite's records do not fit a table), ``chat.md`` /
-``chat.jsonl`` (answers side by side) and the report (``report.md``, ``report.html``, PNG plots).
+``chat.jsonl`` (answers side by side), the report (``report.md``, ``report.html``, PNG plots),
+``lm_eval/<model>/results_<date>.json`` (lm-evaluation-harness's results shape) and, when
+TensorBoard is the tracker, ``tensorboard/<model>/`` (``hetray.eval.export``).
+
+Progress goes to the ``hetray`` logger at INFO: a line when a model loads and when it is loaded,
+a line when each suite starts and ends (items, wall time, headline metrics), and for a long suite
+a line about every 10% of its items (``hetray.eval.pool``).
 
 A reward suite measures a reward model, not the policy: the one in ``extra[model]
 ["reward_model"]``, else ``reward_model``, else the ``reward/`` stage beside the model's own stage
@@ -31,6 +37,7 @@ from pathlib import Path
 
 from hetray.eval import reward, stats
 from hetray.eval.config import SUITE_NAMES, EvalConfig
+from hetray.eval.export import uses_tensorboard
 from hetray.eval.outputs import META, write_outputs
 from hetray.eval.pool import EvalError, Pool
 from hetray.eval.suite import Suite
@@ -41,9 +48,10 @@ log = logging.getLogger(__name__)
 
 
 def run_eval(models: dict[str, str], eval_cfg: EvalConfig, out_dir, seed: int = 0,
-             reward_model: str | None = None, extra: dict[str, dict] | None = None) -> dict:
+             reward_model: str | None = None, extra: dict[str, dict] | None = None, report_to=None) -> dict:
     """Evaluate ``{name: model}`` on ``eval_cfg.suites``; write metrics, records and the report.
-    Returns what ``metrics.json`` holds."""
+    ``report_to``: the job's ``train.report_to``, used when ``eval_cfg.report_to`` is None
+    (None too: tensorboard). Returns what ``metrics.json`` holds."""
     started = time.time()
     extra = extra or {}
     suites = [s for name, s in SUITES.items() if name in eval_cfg.suites]
@@ -56,15 +64,27 @@ def run_eval(models: dict[str, str], eval_cfg: EvalConfig, out_dir, seed: int = 
     measured = Measured(models, suites, eval_cfg, seed)
     for name, path in models.items():
         if policy:
-            with Pool("policy", name, path, eval_cfg, seed) as pool:
+            with _loaded("policy", name, path, eval_cfg, seed) as pool:
                 for suite in policy:
                     t = time.time()
-                    records = pool.score(suite.name, items[suite.name])
+                    log.info("eval %s %s: %d items", name, suite.name, len(items[suite.name]))
+                    records = pool.score(suite.name, items[suite.name], label=f"eval {name} {suite.name}")
                     measured.add(suite, name, records, round(time.time() - t, 3))
     for suite in scored_by_rm:
         _run_reward(suite, rewards, eval_cfg, seed, measured)
     measured.compare(baseline)
-    return write_outputs(Path(out_dir), models, eval_cfg, seed, extra, rewards, measured, started)
+    tracker = eval_cfg.report_to if eval_cfg.report_to is not None else (report_to or "tensorboard")
+    return write_outputs(Path(out_dir), models, eval_cfg, seed, extra, rewards, measured, started,
+                         tensorboard=uses_tensorboard(tracker))
+
+
+def _loaded(kind: str, name: str, path: str, cfg: EvalConfig, seed: int) -> Pool:
+    """The model in a Pool, with a log line before and after loading it."""
+    t = time.time()
+    log.info("eval %s: loading %s", name, path)
+    pool = Pool(kind, name, path, cfg, seed)
+    log.info("eval %s: loaded in %.1f s", name, time.time() - t)
+    return pool
 
 
 class Measured:
@@ -93,8 +113,8 @@ class Measured:
             self.groups[model][suite.name] = suite.by_group(records)
         self.records[suite.name] += [{"model": model, **tags, **r} for r in records]
         self.wall[model][suite.name] = seconds
-        log.info("eval %s %s: %s (%.1f s)", model, suite.name, headline(self.metrics[model][suite.name]),
-                 self.wall[model][suite.name])
+        log.info("eval %s %s: %d items in %.1f s: %s", model, suite.name, len(records), seconds,
+                 headline(self.metrics[model][suite.name]))
 
     def compare(self, baseline: str) -> None:
         """Every other model against ``baseline``, suite by suite, on the same items."""
@@ -178,8 +198,9 @@ def _run_reward(suite: Suite, rewards: dict[str, str], cfg: EvalConfig, seed: in
         if rm not in done:
             t = time.time()
             items = suite.load(cfg, rm)
-            with Pool("reward", f"reward model of {name}", rm, cfg, seed) as pool:
-                done[rm] = (pool.score(suite.name, items), round(time.time() - t, 3))
+            log.info("eval %s (reward model of %s) %s: %d items", rm, name, suite.name, len(items))
+            with _loaded("reward", f"reward model of {name}", rm, cfg, seed) as pool:
+                done[rm] = (pool.score(suite.name, items, label=f"eval {rm} {suite.name}"), round(time.time() - t, 3))
         records, seconds = done[rm]
         measured.add(suite, name, records, seconds, reward_model=rm)
 
@@ -226,6 +247,8 @@ def eval_config(config: str | None, overrides: list[str], suites: str | None) ->
 
     job = load_config(config) if config else None
     data = job.eval.model_dump(mode="json") if job else {}
+    if job and data.get("report_to") is None:  # the job's tracker (train.report_to), tensorboard by default
+        data["report_to"] = "tensorboard" if uses_tensorboard(getattr(job.train, "report_to", "tensorboard")) else "none"
     apply_overrides(data, [o[len("eval."):] if o.startswith("eval.") else o for o in overrides])
     if suites:
         data["suites"] = [s.strip() for s in suites.split(",") if s.strip()]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -99,16 +100,24 @@ class Scorer:
     # ------------------------------------------------------------------ generation
 
     def generate(self, prompts: list[str], max_new_tokens: int, chat: bool = False, stop_when=None) -> list[str]:
-        """Greedy continuations (new text only, special tokens dropped). ``chat=True``: each prompt is a user message for the chat template.
-        ``stop_when(new_text) -> bool``: a row may stop once it is True (its text is not cut);
-        a batch stops when every row has (an early stop only saves time)."""
+        """Greedy continuations (new text only, special tokens dropped); see ``generations``."""
+        return [g.text for g in self.generations(prompts, max_new_tokens, chat=chat, stop_when=stop_when)]
+
+    def generations(self, prompts: list[str], max_new_tokens: int, chat: bool = False,
+                    stop_when=None) -> list["Generation"]:
+        """Greedy continuations with what the generated token ids say: how many tokens the model
+        generated (EOS not counted, so at most ``max_new_tokens``) and whether it stopped at an EOS
+        (one of the ids ``generate`` stops on). ``chat=True``: each prompt is a user message for the
+        chat template. ``stop_when(new_text) -> bool``: a row may stop once it is True (its text is
+        not cut); a batch stops when every row has (an early stop only saves time)."""
         from transformers import StoppingCriteriaList
 
         texts = [self._chat(p) for p in prompts] if chat else list(prompts)
         seqs = [self._encode(t) for t in texts]
         if any(len(s) == 0 for s in seqs):
             raise ValueError("cannot generate from an empty prompt")
-        out = [""] * len(prompts)
+        eos = self._eos_ids()
+        out: list[Generation] = [Generation("", 0, False)] * len(prompts)
         for idx in self._batches(seqs):
             ids, mask = self._pad([seqs[i] for i in idx])
             stops = StoppingCriteriaList([_StopWhen(self.tokenizer, ids.shape[1], stop_when)]) if stop_when else None
@@ -119,10 +128,29 @@ class Scorer:
                     temperature=None, top_p=None, top_k=None,
                     pad_token_id=self.tokenizer.pad_token_id, stopping_criteria=stops,
                 )
-            new = self.tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
-            for i, text in zip(idx, new):
-                out[i] = text
+            for i, row in zip(idx, gen[:, ids.shape[1]:].tolist()):
+                out[i] = self._generation(row, eos, trailing_pad=stop_when is not None)
         return out
+
+    def _generation(self, row: list[int], eos: set[int], trailing_pad: bool) -> "Generation":
+        """One row of new token ids -> Generation. After a row stops, ``generate`` fills it with the
+        pad id; a row that stopped at an EOS ends at its first EOS, one stopped by ``stop_when``
+        at its trailing pads."""
+        cut = next((k for k, t in enumerate(row) if t in eos), None)
+        stopped = cut is not None
+        if cut is None:
+            cut = len(row)
+            pad = self.tokenizer.pad_token_id
+            while trailing_pad and cut and row[cut - 1] == pad:
+                cut -= 1
+        return Generation(self.tokenizer.decode(row[:cut], skip_special_tokens=True), cut, stopped)
+
+    def _eos_ids(self) -> set[int]:
+        """The token ids ``generate`` stops at (the model's generation config)."""
+        ids = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if ids is None:
+            return set()
+        return {int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])}
 
     # ------------------------------------------------------------------ internals
 
@@ -180,6 +208,15 @@ class Scorer:
 
     def _vocab_size(self) -> int:
         return self.model.get_output_embeddings().weight.shape[0]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One greedy continuation, counted on the generated token ids (never re-tokenised)."""
+
+    text: str  # the new text, special tokens dropped
+    new_tokens: int  # tokens generated before the EOS (EOS not counted): at most max_new_tokens
+    eos: bool  # generation ended by an EOS token, not by max_new_tokens
 
 
 class _StopWhen:

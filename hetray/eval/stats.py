@@ -110,6 +110,14 @@ def intervals(res: Resampled, confidence: float) -> dict[str, list[float]]:
     return {k: interval(s, confidence) for k, s in res.samples.items()}
 
 
+def stderrs(res: Resampled) -> dict[str, float]:
+    """``{metric: bootstrap standard error}``: the standard deviation (ddof 1) of the metric over
+    the resamples behind its CI (NaN when a resample gave NaN; empty with fewer than 2 resamples).
+    lm-evaluation-harness reports the same statistic as ``<metric>_stderr`` for its bootstrapped
+    metrics."""
+    return {k: float(np.std(s, ddof=1)) for k, s in res.samples.items() if len(s) > 1}
+
+
 def with_intervals(overall: dict, cis: dict[str, list[float]]) -> dict:
     """``overall`` with ``"<metric>_ci": [lo, hi]`` right after each metric that has one."""
     out = {}

@@ -80,7 +80,7 @@ class Pipeline:
         old = read_manifest(out) or {}
         before = old.get("created"), old.get("key")
         label = where.relative_to(self.root).as_posix() if where != self.root else "."
-        log.info("[hetray run] %s (%s)", stage, label)
+        log.debug("[hetray run] %s (%s)", stage, label)  # the stage runner logs its start and end
         started = time.time()
         try:
             result = fn(*args, **kwargs)

@@ -1,11 +1,21 @@
-"""Starting or joining Ray, the same way for every stage."""
+"""Starting or joining Ray, the same way for every stage, and saying so in one line.
+
+A local Ray starts its dashboard on 127.0.0.1 when the machine can afford it
+(``ray.include_dashboard: auto``: the dashboard's packages are installed and the machine has
+``DASHBOARD_MIN_MEMORY``). Without it, Ray Train's controller cannot reach Ray's State API and
+says so every few seconds (in the log file; see ``console``).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 
+from hetray.orchestrate import console
+
 log = logging.getLogger(__name__)
+
+DASHBOARD_MIN_MEMORY = 8 << 30  # bytes; the dashboard's processes take ~0.5 GB
 
 
 def init_ray(ray_cfg) -> None:
@@ -15,14 +25,59 @@ def init_ray(ray_cfg) -> None:
 
     if ray.is_initialized():
         return
+    quiet = not console.verbose()
+    if quiet:
+        console.adopt_ray_loggers()  # before ray.init: its own start-up lines go to the file too
+    common = {"log_to_driver": True, "configure_logging": not quiet}
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    kwargs = {"include_dashboard": False}
-    if ray_cfg.num_cpus:
-        kwargs["num_cpus"] = ray_cfg.num_cpus
-    if ray_cfg.object_store_memory:
-        kwargs["object_store_memory"] = ray_cfg.object_store_memory
-    ray.init(**kwargs)
-    log.info("started a local Ray: %s", ray.cluster_resources())
+        context = ray.init(address=address, **common)
+        what = f"joined the Ray cluster at {address}"
+    else:
+        dashboard = want_dashboard(ray_cfg.include_dashboard)
+        kwargs = {"include_dashboard": dashboard, **common}
+        if dashboard:
+            kwargs["dashboard_host"] = "127.0.0.1"
+        if ray_cfg.num_cpus:
+            kwargs["num_cpus"] = ray_cfg.num_cpus
+        if ray_cfg.object_store_memory:
+            kwargs["object_store_memory"] = ray_cfg.object_store_memory
+        context = ray.init(**kwargs)
+        what = "started a local Ray"
+    console.route_worker_output()
+    console.quiet_ray_data()
+    have = ray.cluster_resources()
+    gpus = f", {have['GPU']:g} GPUs" if have.get("GPU") else ""
+    url = getattr(context, "dashboard_url", None)
+    dash = f"dashboard http://{url}" if url else "no dashboard (ray.include_dashboard)"
+    log.info("ray: %s (Ray %s): %g CPUs%s; %s", what, ray.__version__, have.get("CPU", 0), gpus, dash)
+    if console.log_file() is not None:
+        log.info("log: %s (Ray's own logs: %s)", console.shown(console.log_file()), _session_logs())
+
+
+def want_dashboard(setting) -> bool:
+    """``auto``: when its packages are installed and the machine has the memory for it."""
+    if setting != "auto":
+        return bool(setting)
+    try:
+        from ray._private.utils import get_dashboard_dependency_error
+
+        if get_dashboard_dependency_error() is not None:
+            return False
+    except ImportError:
+        return False
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return False
+    return memory >= DASHBOARD_MIN_MEMORY
+
+
+def _session_logs() -> str:
+    try:
+        import ray
+
+        return os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+    except Exception:  # noqa: BLE001  (only a hint in a log line)
+        return "/tmp/ray/session_latest/logs"
+

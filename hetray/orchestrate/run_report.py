@@ -39,12 +39,19 @@ def format_steps(steps: list[Step]) -> str:
     return "\n".join(lines)
 
 
-def format_run_report(summary: dict) -> str:
-    """What `hetray run` prints at the end: stage times, where each output is, headline metrics."""
+def format_run_report(summary: dict, terminal: bool = False) -> str:
+    """``report.md``: stage times, each run, headline metrics, where each output is. ``terminal``:
+    what `hetray run` prints at the end, without what its stage lines already said (times, paths)."""
     root = Path(summary["run_dir"])
-    lines = [f"# {summary['job']}: done in {summary['wall_time_s']} s", "", "## Stages", format_steps(
-        [Step(**s) for s in summary["steps"]]), "", "## Runs",
-        "| run | trained | fraction | pairs selected | reward acc. | model |", "|---|---|---|---|---|---|"]
+    steps = [Step(**s) for s in summary["steps"]]
+    lines = [f"# {summary['job']}: done in {summary['wall_time_s']} s"]
+    if terminal:
+        ran = sum(s.status == "ran" for s in steps)
+        lines[0] += f" ({ran} stage(s) ran, {len(steps) - ran} up to date)"
+    else:
+        lines += ["", "## Stages", format_steps(steps)]
+    lines += ["", "## Runs", "| run | trained | fraction | pairs selected | reward acc. | model |",
+              "|---|---|---|---|---|---|"]
     for r in summary["runs"]:
         acc = r.get("reward_accuracy")
         lines.append(
@@ -59,6 +66,8 @@ def format_run_report(summary: dict) -> str:
         for m, v in wb.items():
             v = v.get("overall", v)
             lines.append(f"| {m} | " + " | ".join(_num(v.get(k)) for k in HEADLINE) + " |")
+    if terminal:
+        return "\n".join(lines)
     lines += ["", "## Outputs"]
     for name in ("preferences", "rejects", "embeddings", "clusters", "eval"):
         if (root / name).exists():

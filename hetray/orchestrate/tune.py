@@ -53,6 +53,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hetray.config import ConfigError, JobConfig
+from hetray.orchestrate import console
 from hetray.orchestrate.tune_report import format_table, write_outputs
 from hetray.pairs import held_out
 from hetray.schema import PREFERENCE_SCHEMA, parquet_files
@@ -245,11 +246,11 @@ def write_pairs(folder: Path, sources: list[Path], heldout: Path | None, job: Jo
     fraction, seed = job.train.reward.eval_fraction, job.train.reward.seed
     folder = Path(folder)
     stage = Stage("tune-pairs", folder.parent, outputs=(folder.name,), config={"fraction": fraction, "seed": seed},
-                  inputs=[*sources, *([heldout] if heldout is not None else [])], required=("part-00000.parquet",))
+                  inputs=[*sources, *([heldout] if heldout is not None else [])], required=("train-00000.parquet",))
 
     def work(tmp: Path) -> dict:
         out, rows = tmp / folder.name, 0
-        with pq.ParquetWriter(out / "part-00000.parquet", PREFERENCE_SCHEMA) as w:
+        with pq.ParquetWriter(out / "train-00000.parquet", PREFERENCE_SCHEMA) as w:
             for source in sources:
                 for t in _pair_batches(source):
                     t = t.filter(pc.invert(_held(t, fraction, seed)))
@@ -297,9 +298,31 @@ def search(cfg: JobConfig, plan: dict):
             metric=t.metric, mode=t.mode, scheduler=scheduler, max_concurrent_trials=plan["concurrent"],
             num_samples=t.num_samples if t.search == "random" else 1,
         ),
-        run_config=tune.RunConfig(storage_path=str(storage), name="search", verbose=1),
+        # Tune's own trial table: with -v only; a line per trial round instead. Tune's default
+        # loggers stay: each trial's results as CSV, JSON and TensorBoard events in storage
+        run_config=tune.RunConfig(storage_path=str(storage), name="search", verbose=1 if console.verbose() else 0,
+                                  callbacks=[trial_lines(t.metric, len(plan["budgets"]))]),
     )
-    return tuner.fit()
+    with console.printed_to_log("ray.tune.output"):
+        results = tuner.fit()
+    log.info("tune: trials in TensorBoard: tensorboard --logdir %s", storage / "search")
+    return results
+
+
+def trial_lines(metric: str, rounds: int):
+    """A Tune callback: one line per trial round (and per failed trial) on hetray's logger."""
+    from ray import tune
+
+    class TrialLines(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            value = result.get(metric)
+            log.info("tune: %s round %s/%d: %s %s", result.get("trial", trial.trial_id), result.get("round"), rounds,
+                     metric, f"{value:.4f}" if isinstance(value, float) else value)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            log.warning("tune: trial %s failed (its error: %s)", trial.trial_id, trial.path)
+
+    return TrialLines()
 
 
 def trial_name(config: dict, cfg: JobConfig) -> str:

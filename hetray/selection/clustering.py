@@ -64,7 +64,9 @@ def run_cluster(cfg: JobConfig, force: bool = False) -> dict:
 
         require_ray("cluster")
         c, out = cfg.cluster, tmp / "clusters"
-        ds = ray.data.read_parquet(files).select_columns(["prompt_id", "vector"]).materialize()
+        ds = ray.data.read_parquet(files).select_columns(["prompt_id", "vector"])
+        ds.context.enable_progress_bars = False  # a pass over the vectors takes seconds: no bar each
+        ds = ds.materialize()
         res = fit_kmeans(ds, c.n_clusters, n_init=c.n_init, max_iter=c.max_iter, tol=c.tol, init=c.init,
                          sample_size=c.sample_size, batch_size=c.batch_size, seed=cfg.seed)
         log.info("cluster: inertia %.4f after %d iterations (restart %d)", res.inertia, res.n_iter, res.best_init)

@@ -348,16 +348,17 @@ def _update(old, sums, counts, far_d, far_x) -> np.ndarray:
 
 def fit_kmeans(ds, n_clusters: int, **kwargs) -> KMeansResult:
     """k-means with ``n_init`` restarts over a Ray Dataset; the lowest inertia wins (see
-    ``_fit``). Passes reduce in block order (``preserve_order``) on the dataset's own context;
-    Ray's global DataContext is left as it was."""
+    ``_fit``). Passes reduce in block order (``preserve_order``) and show no progress bar (a
+    pass takes a moment; a bar each is a screenful) on the dataset's own context; Ray's global
+    DataContext is left as it was."""
     from ray.data import DataContext
 
-    options = DataContext.get_current().execution_options
-    saved = options.preserve_order
+    ctx = DataContext.get_current()
+    saved = ctx.execution_options.preserve_order, ctx.enable_progress_bars
     try:
         return _fit(ds, n_clusters, **kwargs)
     finally:
-        options.preserve_order = saved
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
 
 
 def _fit(
@@ -381,6 +382,7 @@ def _fit(
         raise ValueError("n_clusters, n_init and max_iter must be >= 1")
     ds = ds.materialize()  # every pass reads the object store, not the source files
     ds.context.execution_options.preserve_order = True  # reductions in a fixed order
+    ds.context.enable_progress_bars = False
     n = ds.count()
     if n == 0:
         raise ValueError("empty dataset: there are no vectors to cluster")
@@ -403,7 +405,7 @@ def _fit(
         if C.shape[:2] != (n_init, k) or C.shape[2] != sample.shape[1]:
             raise ValueError(f"init array has shape {C.shape}, expected ({n_init}, {k}, {sample.shape[1]})")
     del sample, weights
-    log.info("k-means: %d rows, k=%d, %d restart(s), init %s", n, k, n_init, init if isinstance(init, str) else "given")
+    log.debug("k-means: %d rows, k=%d, %d restart(s), init %s", n, k, n_init, init if isinstance(init, str) else "given")
 
     n_iters, inertias = [0] * n_init, [np.inf] * n_init
     sizes: list = [None] * n_init
@@ -424,7 +426,7 @@ def _fit(
             n_iters[r] += 1
             done[r] = shift <= tol_abs or n_iters[r] >= max_iter
             still.append(r)
-        log.info(
+        log.debug(
             "k-means pass %d: inertia %s (restarts %s); %d of %d restart(s) need another pass",
             passes, [round(float(i), 4) for i in inertia], active, len(still), n_init,
         )

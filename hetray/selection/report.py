@@ -1,4 +1,5 @@
-"""The selection report: markdown + PNG plots of what ``select`` kept.
+"""The selection report: markdown + PNG plots of what ``select`` kept, in ``selected_report/``
+beside ``selected/`` (so the data folder holds only data, its card and its manifest).
 
 Cluster sizes (stacked by source, before and after), each source's share before and after,
 quality distributions before and after, and example prompts (nearest each centroid).
@@ -67,8 +68,9 @@ def _quality_plot(sample: pd.DataFrame, path: Path) -> bool:
 
 
 def write_report(folder: Path, cfg, table: pd.DataFrame, sample: pd.DataFrame, examples: dict) -> dict:
-    """Write ``report.md`` and plots into ``folder``/report. Returns their paths (relative)."""
-    out = Path(folder) / "report"
+    """Write ``report.md`` and plots into ``folder`` (``selected_report/`` of the run). Returns
+    their paths relative to the run directory (``selected_report/report.md``, ...)."""
+    out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     by_source = table.groupby("source")[["n", "kept"]].sum()
     shares = pd.DataFrame(
@@ -117,4 +119,5 @@ def write_report(folder: Path, cfg, table: pd.DataFrame, sample: pd.DataFrame, e
             lines += [f"- {p[:200].replace(chr(10), ' ')}" for p in examples[c]]
             lines.append("")
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    return {"markdown": "report/report.md", "plots": sorted(f"report/{p.name}" for p in out.glob("*.png"))}
+    return {"folder": out.name, "markdown": f"{out.name}/report.md",
+            "plots": sorted(f"{out.name}/{p.name}" for p in out.glob("*.png"))}

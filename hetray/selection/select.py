@@ -12,7 +12,10 @@ stratified so every source keeps its share (paper 2.4, 2.5, A.3).
    rows by (quality, tie), a vectorised sort on the narrow view;
 4. a streaming Ray Data pass over ``preferences/`` keeps the selected ``pair_id``s and writes
    ``selected/`` in the input order, with the same schema: same inputs + seed give the same
-   files, byte for byte.
+   files, byte for byte. ``selected/`` holds only data (Parquet), its dataset card
+   (``README.md``, ``hetray.datacard``: ``datasets.load_dataset("<run>/selected")`` reads it) and
+   the manifest; the selection report (markdown + plots) goes beside it into
+   ``selected_report/``, an output of the same stage.
 
 **Two readings of the paper for sources without quality** (WinoGrande, WinoBias, WinoGender:
 ``quality`` null on every pair), chosen by ``select.keep_unscored``:
@@ -44,6 +47,7 @@ import pyarrow.parquet as pq
 from ray.data.datasource import Datasink
 
 from hetray.config import JobConfig
+from hetray.datacard import write_empty, write_selected_card
 from hetray.schema import PREFERENCE_SCHEMA, make_id, parquet_files
 from hetray.selection.report import write_report
 from hetray.selection.rules import near_duplicates, order, quotas, ranking, tie_hash, unscored_sources
@@ -72,13 +76,13 @@ def _keep_selected(batch: pa.Table, ids) -> pa.Table:
 
 
 class OrderedParquetSink(Datasink):
-    """Writes blocks in order into part-00000.parquet, ... (deterministic names)."""
+    """Writes blocks in order into train-00000.parquet, ... (deterministic names)."""
 
     def __init__(self, folder: str, schema: pa.Schema):
         self.folder, self.schema = folder, schema
 
     def write(self, blocks, ctx) -> int:
-        path = os.path.join(self.folder, f"part-{ctx.task_idx:05d}.parquet")
+        path = os.path.join(self.folder, f"train-{ctx.task_idx:05d}.parquet")
         rows = 0
         with pq.ParquetWriter(path, self.schema) as w:
             for block in blocks:
@@ -98,13 +102,15 @@ def run_select(cfg: JobConfig, force: bool = False, out_name: str = "selected") 
         raise ValueError(f"{run_dir / 'preferences'} is an empty preference set: nothing to select from")
     if read_manifest(run_dir / "clusters") is None:
         raise FileNotFoundError(f"{run_dir / 'clusters'} is missing: run `hetray embed` and `hetray cluster` first")
-    stage = Stage("select", run_dir, outputs=(out_name,),
+    report_name = f"{out_name}_report"  # beside the data, so that the data folder holds data only
+    stage = Stage("select", run_dir, outputs=(out_name, report_name),
                   config={"seed": cfg.seed, "select": cfg.select.model_dump(mode="json")},
                   inputs=[run_dir / "preferences", run_dir / "clusters"])
-    return run_stage(stage, lambda tmp: _select(cfg, run_dir, pref_files, n_pairs, tmp / out_name), force=force)
+    return run_stage(stage, lambda tmp: _select(cfg, run_dir, pref_files, n_pairs, tmp / out_name, tmp / report_name),
+                     force=force)
 
 
-def _select(cfg: JobConfig, run_dir: Path, pref_files: list[str], n_pairs: int, out: Path) -> dict:
+def _select(cfg: JobConfig, run_dir: Path, pref_files: list[str], n_pairs: int, out: Path, report_dir: Path) -> dict:
     import ray
 
     require_ray("select")
@@ -154,16 +160,17 @@ def _select(cfg: JobConfig, run_dir: Path, pref_files: list[str], n_pairs: int, 
         )
     finally:
         ctx.execution_options.preserve_order = preserve
-    for f in out.glob("part-*.parquet"):  # empty parts carry no rows; drop them
+    for f in out.glob("train-*.parquet"):  # empty parts carry no rows; drop them
         if pq.ParquetFile(f).metadata.num_rows == 0:
             f.unlink()
     if not any(out.glob("*.parquet")):
-        pq.write_table(PREFERENCE_SCHEMA.empty_table(), out / "part-00000.parquet")
+        write_empty(out / "train-00000.parquet", PREFERENCE_SCHEMA)
     after = kept_df.groupby(["cluster", "source"]).size().rename("kept").reset_index()
     table = plan.merge(after, on=["cluster", "source"], how="left").fillna({"kept": 0})
     table["kept"] = table["kept"].astype(int)
-    report = write_report(out, cfg, table, _quality_sample(joined, kept_df),
+    report = write_report(report_dir, cfg, table, _quality_sample(joined, kept_df),
                           _examples(assign, run_dir, s.examples_per_cluster))
+    write_selected_card(out, cfg, table, whole, dropped_dup, PREFERENCE_SCHEMA)
     log.info("select: kept %d of %d pairs (fraction %s)", len(kept_df), n_pairs, s.fraction)
     return {
         "pairs_in": n_pairs,

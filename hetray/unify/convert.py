@@ -7,6 +7,10 @@ writes into ``cfg.run_dir``::
     sft_only/      prompts with a single reference answer (SFT_SCHEMA)
     rejects/       every input record that gave nothing, with file, line and reason
 
+``preferences/`` and ``sft_only/`` carry a dataset card (``README.md``, ``hetray.datacard``) so
+``datasets.load_dataset("<run>/preferences")`` reads them; an empty folder holds one Parquet
+file of its schema without rows.
+
 Per source the pipeline is ``read -> parse (map_batches) -> [groupby(group) -> combine] ->
 write``. The shuffle only runs for adapters whose groups span input records (flat OASST
 messages, WinoBias pro/anti files, WinoGrande rows grouped by qID to find duplicates); it is
@@ -46,6 +50,7 @@ import pyarrow.parquet as pq
 from ray.data.datasource import Datasink
 
 from hetray.config import JobConfig
+from hetray.datacard import write_convert_cards, write_empty
 from hetray.models import resolve_sample
 from hetray.schema import (
     FLOW_SCHEMA,
@@ -155,7 +160,7 @@ class SplitParquetSink(Datasink):
     def write(self, blocks, ctx) -> dict:
         writers: dict = {}
         counts: dict = {}
-        name = f"part-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
+        name = f"train-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
         try:
             for block in blocks:
                 table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
@@ -448,9 +453,9 @@ def run_convert(cfg: JobConfig, force: bool = False) -> dict:
             counting = {s.name: pool.submit(count_input, adapter, files, s) for adapter, files, s in planned}
             ds.write_datasink(sink)
             inputs = {name: f.result() for name, f in counting.items()}
-        for folder, schema in OUTPUTS.items():  # readers always find a schema, even for 0 rows
+        for folder, schema in OUTPUTS.items():  # readers (datasets too) always find a schema, even for 0 rows
             if not any((tmp / folder).glob("*.parquet")):
-                pq.write_table(schema.empty_table(), tmp / folder / "part-empty.parquet")
+                write_empty(tmp / folder / "train-empty.parquet", schema)
         counts = {}
         for _, _, s in planned:
             c = counts[s.name] = sink.counts.get(s.name, _empty_counts())
@@ -458,6 +463,7 @@ def run_convert(cfg: JobConfig, force: bool = False) -> dict:
         check_counts(planned, counts)
         check_input_counts(planned, counts)
         totals = {k: sum(c[k] for c in counts.values()) for k in ("pairs", "sft", "used", "rejected")}
+        write_convert_cards(tmp, cfg, counts, OUTPUTS)
         return {"counts": counts, "totals": totals}
 
     return run_stage(stage, work, force=force)

@@ -298,20 +298,22 @@ def test_prompt_repetition():
 
 
 class ChatStub:
+    """Answers word by word: an answer shorter than max_new_tokens words ended at an EOS."""
+
     def __init__(self, answers):
         self.answers, self.calls = answers, []
-        self.tokenizer = IdTokenizerWords()
+        self.tokenizer = WithChatTemplate()
 
-    def generate(self, prompts, max_new_tokens, chat=False):
+    def generations(self, prompts, max_new_tokens, chat=False):
+        from hetray.eval.scoring import Generation
+
         self.calls.append((list(prompts), max_new_tokens, chat))
-        return [self.answers[p] for p in prompts]
+        words = [len(self.answers[p].split()) for p in prompts]
+        return [Generation(self.answers[p], n, n < max_new_tokens) for p, n in zip(prompts, words)]
 
 
-class IdTokenizerWords:
+class WithChatTemplate:
     chat_template = "{{ messages }}"  # has one: prompts go through it
-
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": text.split()}
 
 
 def test_chat_signals_and_rates():
@@ -333,6 +335,65 @@ def test_chat_signals_and_rates():
     assert (o["non_empty_rate"], o["stop_rate"], o["prompt_repeat_rate"]) == (0.75, 0.75, 0.25)
     assert o["repeated_ngram_rate"] == pytest.approx((1 - 1 / 3) / 4)
     assert o["mean_new_tokens"] == pytest.approx((5 + 0 + 6 + 1) / 4)
+
+
+def successor_scorer(successor: dict[str, str], pad_is_eos: bool = False):
+    """A Scorer on a word-level LM whose greedy next token is ``successor[last token]``; "</s>" is
+    its EOS (the id ``generate`` stops at)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from hetray.eval.scoring import Scorer
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "</s>": 2}
+    for w in [*successor, *successor.values()]:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="</s>" if pad_is_eos else "[PAD]",
+                                        unk_token="[UNK]", eos_token="</s>")
+    table = torch.full((len(vocab), len(vocab)), -10.0)
+    for a, b in successor.items():
+        table[vocab[a], vocab[b]] = 10.0
+
+    class SuccessorLM(PreTrainedModel, GenerationMixin):
+        config_class = PretrainedConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.table = torch.nn.Embedding.from_pretrained(table)
+
+        def get_output_embeddings(self):
+            return self.table
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0, **kw):
+            return CausalLMOutputWithPast(logits=self.table(input_ids))
+
+    model = SuccessorLM(PretrainedConfig(vocab_size=len(vocab), pad_token_id=tokenizer.pad_token_id))
+    model.generation_config.use_cache = False
+    model.generation_config.eos_token_id = vocab["</s>"]
+    return Scorer(model, tokenizer, batch_size=4)
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_chat_counts_the_generated_token_ids(pad_is_eos):
+    # "well-known" is ONE generated token whose text re-tokenises to three ("well", "-", "known"):
+    # counting the text would give 3 per token and overshoot max_new_tokens
+    scorer = successor_scorer({"go": "well-known", "well-known": "well-known", "a": "b", "b": "c", "c": "</s>",
+                               "stop": "</s>"}, pad_is_eos)
+    prompts = ["go", "a", "stop", "b"]  # one batch: rows that stop early are padded by generate
+    records = {r["prompt"]: r for r in chat.score_items(scorer, prompts, max_new_tokens=5)}
+    assert {p: (r["new_tokens"], r["stops"]) for p, r in records.items()} == {
+        "go": (5, False), "a": (2, True), "stop": (0, True), "b": (1, True)}
+    assert records["go"]["response"] == " ".join(["well-known"] * 5) and records["a"]["response"] == "b c"
+    assert len(scorer.tokenizer(records["go"]["response"], add_special_tokens=False)["input_ids"]) == 15
+    assert not records["stop"]["non_empty"]
+    # an EOS as the very last allowed token still counts as stopping; max_new_tokens is never exceeded
+    last = {r["prompt"]: r for r in chat.score_items(scorer, ["a", "go"], max_new_tokens=3)}
+    assert (last["a"]["new_tokens"], last["a"]["stops"]) == (2, True)
+    assert (last["go"]["new_tokens"], last["go"]["stops"]) == (3, False)
+    assert scorer.generate(["a", "go"], 3) == ["b c", "well-known well-known well-known"]
 
 
 def test_chat_side_by_side(tmp_path):
@@ -473,13 +534,18 @@ def test_outputs_are_relative_to_the_eval_folder(tmp_path, tiny_llama):
     out = tmp_path / "eval"
     saved = json.loads((out / "metrics.json").read_text())
     outputs = saved["_meta"]["outputs"]
+    lm_eval = outputs.pop("lm_eval")
     assert outputs == {"records": {"chat": "records/chat.parquet"}, "chat_markdown": "chat.md",
                        "chat_jsonl": "chat.jsonl", "report": {"markdown": "report.md", "html": "report.html",
-                                                              "plots": []}}
+                                                              "plots": []},
+                       "tensorboard": {"a": "tensorboard/a", "b": "tensorboard/b"}}
+    assert set(lm_eval) == {"a", "b"} and all((out / p).is_file() and p.startswith(f"lm_eval/{m}/results_")
+                                              for m, p in lm_eval.items())
     assert saved["a"]["chat"] == result["b"]["chat"] and saved["a"]["chat"]["responses"] == 2  # one model, twice
     rows = pq.read_table(out / outputs["records"]["chat"]).to_pylist()
     assert [r["model"] for r in rows] == ["a", "a", "b", "b"]
     assert saved["a"]["chat"]["mean_new_tokens"] == pytest.approx(sum(r["new_tokens"] for r in rows[:2]) / 2)
+    assert all(0 <= r["new_tokens"] <= 3 and r["stops"] == (r["new_tokens"] < 3) for r in rows)  # random: no EOS
     assert "[chat.md](chat.md)" in (out / outputs["report"]["markdown"]).read_text()
     assert len((out / outputs["chat_jsonl"]).read_text().splitlines()) == 4
 

@@ -65,8 +65,10 @@ def test_select_end_to_end(converted):
     for src, n in zip(n_src["source"], n_src["pair_id_count"]):
         assert k_src.get(src, 0) == int(n * 0.5 + 0.5)
     assert m["pairs_selected"] == sel.num_rows
-    report = converted / "selected" / "report"
+    report = converted / "selected_report"  # beside the data: selected/ holds data, card and manifest only
     assert {p.name for p in report.iterdir()} >= {"report.md", "cluster_sizes.png", "source_shares.png", "quality.png"}
+    assert m["report"]["markdown"] == "selected_report/report.md" and (converted / m["report"]["markdown"]).is_file()
+    assert {p.suffix for p in (converted / "selected").iterdir()} == {".parquet", ".json", ".md"}
     text = (report / "report.md").read_text()
     assert "| wg |" in text and "cluster 0" in text
 
