@@ -1,5 +1,7 @@
 """Line formats of published data sets that more than one wing reads.
 
+``hf:ORG/NAME[:SPLIT[:CONFIG]]`` paths are parsed here too: convert and eval accept the same forms.
+
 WinoBias lines are read by the convert stage (anti-stereotype sentence chosen, for training) and
 by the evaluation (the bias suites): both parse them here.
 """
@@ -26,3 +28,11 @@ def parse_winobias_line(text: str) -> tuple[int | None, str, list[str]]:
     if "[" in rest or "]" in rest:
         raise ValueError(f"unbalanced brackets in {text!r}")
     return n, " ".join(rest.split()), clusters
+
+
+def hub_spec(spec: str) -> tuple[str, str, str | None]:
+    """``hf:ORG/NAME[:SPLIT[:CONFIG]]`` -> (name, split, config), e.g.
+    ``hf:allenai/winogrande:train:winogrande_xl``."""
+    name, _, rest = spec[len("hf:"):].partition(":")
+    split, _, config = rest.partition(":")
+    return name, split or "train", config or None

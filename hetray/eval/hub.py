@@ -6,7 +6,7 @@
 network, or the local Hugging Face cache) and gives its rows as dicts: the same fields a suite
 reads from its local file (WinoGrande: ``sentence``, ``option1``, ``option2``, ``answer``). When
 the dataset cannot be loaded (offline, no such dataset) the error names the spec and says what to
-do instead. The spec is parsed by convert's own parser (``hetray.unify.convert.hub_spec``), so
+do instead. The spec is parsed by the parser convert uses (``hetray.formats.hub_spec``), so
 both stages read the same strings the same way.
 """
 
@@ -25,7 +25,7 @@ def is_hub(path) -> bool:
 
 def parse(spec: str) -> tuple[str, str, str | None]:
     """``hf:ORG/NAME[:SPLIT[:CONFIG]]`` -> (name, split, config)."""
-    from hetray.unify.convert import hub_spec
+    from hetray.formats import hub_spec
 
     return hub_spec(spec)
 

@@ -51,6 +51,7 @@ from ray.data.datasource import Datasink
 
 from hetray.config import JobConfig
 from hetray.datacard import write_convert_cards, write_empty
+from hetray.formats import hub_spec
 from hetray.models import resolve_sample
 from hetray.schema import (
     FLOW_SCHEMA,
@@ -227,14 +228,6 @@ def _hub_error(name: str, split: str, cause: Exception) -> InputError:
         f"not reachable from here or the dataset does not exist. Download it and give a local "
         f"path instead. Cause: {type(cause).__name__}: {cause}"
     )
-
-
-def hub_spec(spec: str) -> tuple[str, str, str | None]:
-    """``hf:ORG/NAME[:SPLIT[:CONFIG]]`` -> (name, split, config), e.g.
-    ``hf:allenai/winogrande:train:winogrande_xl``."""
-    name, _, rest = spec[len("hf:"):].partition(":")
-    split, _, config = rest.partition(":")
-    return name, split or "train", config or None
 
 
 def _check_hub(spec: str) -> None:
