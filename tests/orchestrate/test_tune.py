@@ -169,7 +169,7 @@ def test_heldout_sample_and_training_pairs(tmp_path):
     train_cfg = cfg.model_copy(deep=True)
     train_cfg.train.reward.seed = 1
     rows = write_pairs(tmp_path / "data", [tmp_path / "preferences"], tmp_path / "heldout", train_cfg)
-    written = pq.read_table(tmp_path / "data" / "part-00000.parquet").to_pylist()
+    written = pq.read_table(tmp_path / "data" / "train-00000.parquet").to_pylist()
     assert rows == len(written) == len(pairs) - everything and not {r["prompt"] for r in written} & held
     assert pq.read_table(tmp_path / "data" / "heldout.parquet").to_pylist() == sample
     assert read_manifest(tmp_path / "data")["pairs"] == rows
