@@ -30,9 +30,18 @@ def parse_winobias_line(text: str) -> tuple[int | None, str, list[str]]:
     return n, " ".join(rest.split()), clusters
 
 
+HUB_PREFIX = "hf:"
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark: dropped from the start of every text input
+
+
+def is_hub(path) -> bool:
+    """``path`` names a Hugging Face hub dataset (``hf:...``), not a local file."""
+    return isinstance(path, str) and path.startswith(HUB_PREFIX)
+
+
 def hub_spec(spec: str) -> tuple[str, str, str | None]:
     """``hf:ORG/NAME[:SPLIT[:CONFIG]]`` -> (name, split, config), e.g.
     ``hf:allenai/winogrande:train:winogrande_xl``."""
-    name, _, rest = spec[len("hf:"):].partition(":")
+    name, _, rest = spec[len(HUB_PREFIX):].partition(":")
     split, _, config = rest.partition(":")
     return name, split or "train", config or None

@@ -11,6 +11,14 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
+# Three formats with pairs (WinoGrande, an OASST tree file, a scored CSV): the convert -> select tests' job.
+MIXED_SOURCES = [
+    {"name": "wg", "format": "winogrande", "path": "sample:winogrande.jsonl"},
+    {"name": "oasst", "format": "oasst", "path": str(FIXTURES / "oasst" / "trees.jsonl"), "label": "toxicity"},
+    {"name": "scored", "format": "generic", "shape": "scored", "path": str(FIXTURES / "generic" / "scored.csv"),
+     "columns": {"scores": ["helpfulness", "toxicity"]}, "label": "helpfulness"},
+]
+
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 # No model hub is reachable in CI; without this an unknown hub id retries DNS for ~70 s.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

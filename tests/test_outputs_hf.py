@@ -17,15 +17,12 @@ from hetray.selection.select import run_select
 from hetray.stage import read_manifest
 from hetray.unify.convert import run_convert
 
-from conftest import FIXTURES
+from conftest import FIXTURES, MIXED_SOURCES
 
 pytestmark = pytest.mark.slow
 
 SOURCES = [
-    {"name": "wg", "format": "winogrande", "path": "sample:winogrande.jsonl"},
-    {"name": "oasst", "format": "oasst", "path": str(FIXTURES / "oasst" / "trees.jsonl"), "label": "toxicity"},
-    {"name": "scored", "format": "generic", "shape": "scored", "path": str(FIXTURES / "generic" / "scored.csv"),
-     "columns": {"scores": ["helpfulness", "toxicity"]}, "label": "helpfulness"},
+    *MIXED_SOURCES,
     {"name": "gen_sft", "format": "generic", "shape": "sft", "path": str(FIXTURES / "generic" / "sft.jsonl"),
      "columns": {"prompt": "question", "response": "answer"}},
 ]

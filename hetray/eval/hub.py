@@ -12,22 +12,12 @@ both stages read the same strings the same way.
 
 from __future__ import annotations
 
-HUB_PREFIX = "hf:"
+from hetray.formats import is_hub  # noqa: F401 - the suites import it from here
+from hetray.formats import hub_spec as parse
 
 
 class HubDataError(ValueError):
     """An ``hf:`` eval path that cannot be loaded."""
-
-
-def is_hub(path) -> bool:
-    return isinstance(path, str) and path.startswith(HUB_PREFIX)
-
-
-def parse(spec: str) -> tuple[str, str, str | None]:
-    """``hf:ORG/NAME[:SPLIT[:CONFIG]]`` -> (name, split, config)."""
-    from hetray.formats import hub_spec
-
-    return hub_spec(spec)
 
 
 def hub_rows(spec: str, what: str = "eval data") -> list[dict]:

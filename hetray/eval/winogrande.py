@@ -31,6 +31,7 @@ from pathlib import Path
 import orjson
 
 from hetray.eval.hub import HubDataError, hub_rows, is_hub
+from hetray.formats import BOM
 from hetray.eval.suite import Suite
 from hetray.models import resolve_sample
 from hetray.pairs import holdout as held_out
@@ -68,7 +69,7 @@ def read_rows(path: str):
     with open(file, "rb") as f:
         for line, raw in enumerate(f, 1):
             if line == 1:
-                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM
+                raw = raw.removeprefix(BOM)
             if not raw.strip():
                 continue
             try:

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Callable
 
 from hetray.config import ConfigError, JobConfig
+from hetray.formats import is_hub
 from hetray.stage import content_hash
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ def _source(s, i: int, hub: Hub) -> str:
     from hetray.unify.sources import adapter_for
 
     paths = [s.path] if isinstance(s.path, str) else list(s.path)
-    hub_paths = [p for p in paths if p.startswith("hf:")]
+    hub_paths = [p for p in paths if is_hub(p)]
     if hub_paths and len(paths) == 1:
         adapter_for(s)  # the source's settings fit its format
         return hub.dataset(hub_paths[0], f"convert.sources[{i}] {s.name!r}")
@@ -481,7 +482,6 @@ def _deepspeed(path: str) -> str:
 
 def _suite(name: str, cfg: JobConfig, runs, hub: Hub) -> str:
     """An eval suite's data, read and checked as the eval stage reads it (nothing downloaded)."""
-    from hetray.eval.hub import is_hub
     from hetray.eval.suites import SUITES
 
     e = cfg.eval
@@ -600,15 +600,20 @@ def _identity(path: str) -> tuple[str, str]:
     return os.path.realpath(path), content_hash(path)
 
 
+def _trained_sources(cfg: JobConfig, runs) -> set[str]:
+    """Names of the convert sources some run trains on (a run without ``sources``: all of them)."""
+    return {s for r in runs if r.train for s in (r.sources or [src.name for src in cfg.convert.sources])}
+
+
 def training_files(cfg: JobConfig, runs) -> dict[int, list[str]]:
     """{index in convert.sources: its local files} for the sources some run trains on."""
     from hetray.unify.convert import resolve_files
 
-    trained = {s for r in runs if r.train for s in (r.sources or [src.name for src in cfg.convert.sources])}
+    trained = _trained_sources(cfg, runs)
     out = {}
     for i, s in enumerate(cfg.convert.sources):
         paths = [s.path] if isinstance(s.path, str) else list(s.path)
-        if s.name not in trained or any(p.startswith("hf:") for p in paths):
+        if s.name not in trained or any(is_hub(p) for p in paths):
             continue
         try:
             out[i] = resolve_files(s.path)
@@ -655,9 +660,9 @@ def check_no_contamination(cfg: JobConfig, runs) -> None:
 
 def _same_hub_split(cfg: JobConfig, runs) -> None:
     """An ``hf:`` eval path that names the very split (and config) a trained-on source reads."""
-    from hetray.eval.hub import is_hub, parse
+    from hetray.eval.hub import parse
 
-    trained = {s for r in runs if r.train for s in (r.sources or [src.name for src in cfg.convert.sources])}
+    trained = _trained_sources(cfg, runs)
     read = {}
     for i, s in enumerate(cfg.convert.sources):
         if s.name in trained and isinstance(s.path, str) and is_hub(s.path):

@@ -51,7 +51,7 @@ from ray.data.datasource import Datasink
 
 from hetray.config import JobConfig
 from hetray.datacard import write_convert_cards, write_empty
-from hetray.formats import hub_spec
+from hetray.formats import hub_spec, is_hub
 from hetray.models import resolve_sample
 from hetray.schema import (
     FLOW_SCHEMA,
@@ -273,7 +273,7 @@ def plan_source(s) -> tuple[object, list[str], object]:
     """Check a source before any work: files exist, columns/file names fit. -> (adapter, files, s)."""
     adapter = adapter_for(s)
     paths = [s.path] if isinstance(s.path, str) else s.path
-    if any(p.startswith("hf:") for p in paths):
+    if any(is_hub(p) for p in paths):
         if len(paths) != 1:
             raise InputError(f"source {s.name!r}: a hub dataset cannot be mixed with other paths")
         _check_hub(paths[0])

@@ -14,16 +14,9 @@ from hetray.selection.clustering import run_cluster
 from hetray.selection.embed import run_embed
 from hetray.selection.select import run_select
 
-from conftest import FIXTURES
+from conftest import MIXED_SOURCES as SOURCES
 
 pytestmark = pytest.mark.slow
-
-SOURCES = [
-    {"name": "wg", "format": "winogrande", "path": "sample:winogrande.jsonl"},
-    {"name": "oasst", "format": "oasst", "path": str(FIXTURES / "oasst" / "trees.jsonl"), "label": "toxicity"},
-    {"name": "scored", "format": "generic", "shape": "scored", "path": str(FIXTURES / "generic" / "scored.csv"),
-     "columns": {"scores": ["helpfulness", "toxicity"]}, "label": "helpfulness"},
-]
 
 
 def cfg(run_dir, **select):

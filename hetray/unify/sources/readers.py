@@ -34,11 +34,11 @@ from typing import Iterator
 
 import pyarrow as pa
 
+from hetray.formats import BOM
 from hetray.schema import RAW_SCHEMA
 
 TABLE_EXTENSIONS = (".parquet", ".csv", ".tsv")
 BATCH_LINES = 4096
-BOM = b"\xef\xbb\xbf"
 _UNDECODED = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8 (surrogateescape)
 csv.field_size_limit(min(sys.maxsize, 1 << 31))  # a long answer is a cell, not an error
 
