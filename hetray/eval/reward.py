@@ -7,18 +7,24 @@ held-out prompt), so the number is comparable to the stage's ``metrics.json``
 ``final.eval_accuracy``. ``EvalConfig.reward.pairs`` (a Parquet folder of
 ``prompt/chosen/rejected``) replaces them.
 
-Texts are built as TRL's RewardTrainer builds them (chat template over prompt + answer when the
-tokenizer has one; else prompt + " " + answer + EOS), scored in right-padded batches.
-``load_items`` -> ``score_items`` -> ``aggregate``, as every suite (``SUITE``).
+Scoring is ``hetray.rewards``: the very code the reward stage computes its held-out accuracy
+with, on the same merged checkpoint, so the two numbers are the same. Texts are built as TRL's
+RewardTrainer builds them (chat template over prompt + answer when the tokenizer has one; else
+prompt + " " + answer + EOS), and pairs longer than the stage's ``max_length`` (manifest
+``config.settings.max_length``) are left out, as the stage left them out; they are scored in
+right-padded batches. ``load_items`` -> ``score_items`` -> ``aggregate``, as every suite
+(``SUITE``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from hetray import rewards
 from hetray.eval.suite import Suite
-from hetray.models import SEQ_CLS, load_model, load_tokenizer
+from hetray.models import load_tokenizer
 from hetray.pairs import pair_rows, split_pairs, text_format
+from hetray.rewards import aggregate, score_items  # noqa: F401 (the suite's steps, named as every suite's)
 from hetray.schema import read_table
 from hetray.stage import read_manifest
 
@@ -63,19 +69,27 @@ def held_out_pairs(stage: Path, chat) -> list[dict]:
     return split_pairs(data_dir, fraction, seed, chat)[1]
 
 
-def text_of(reward_model: str):
+def _stage_settings(reward_model: str) -> tuple[dict, dict]:
+    """(config.text, config.settings) of the reward model's stage manifest; empty without one."""
+    stage = stage_dir_of(reward_model)
+    config = ((read_manifest(stage) or {}).get("config") or {}) if stage is not None else {}
+    return config.get("text") or {}, config.get("settings") or {}
+
+
+def text_of(reward_model: str, tokenizer=None):
     """How the reward model read its texts: its stage's ``train.text_format`` (manifest
     ``config.text``) as its tokenizer allows; chat when no stage manifest says otherwise."""
-    stage = stage_dir_of(reward_model)
-    text = ((read_manifest(stage) or {}).get("config") or {}).get("text") or {} if stage is not None else {}
-    return text_format(load_tokenizer(model_dir_of(reward_model)), text.get("format", "chat"),
+    text, _ = _stage_settings(reward_model)
+    return text_format(tokenizer or load_tokenizer(model_dir_of(reward_model)), text.get("format", "chat"),
                        text.get("raw_template", "{prompt}"))
 
 
 def load_items(reward_model: str, settings) -> list[dict]:
     """Pairs in TRL's format (chat turns or strings): ``settings.pairs`` or the held-out split,
-    formatted as the reward model was trained (``text_of``)."""
-    chat = text_of(reward_model)
+    formatted as the reward model was trained (``text_of``), without the ones longer than the
+    stage's ``max_length`` (``hetray.rewards.fitting``, as the stage measured its accuracy)."""
+    tokenizer = load_tokenizer(model_dir_of(reward_model))
+    chat = text_of(reward_model, tokenizer)
     if settings.pairs:
         if not read_table(settings.pairs, ["prompt"]).num_rows:
             raise RewardEvalError(f"eval.reward.pairs: no Parquet pairs in {settings.pairs!r}")
@@ -89,78 +103,19 @@ def load_items(reward_model: str, settings) -> list[dict]:
         pairs = held_out_pairs(stage, chat)
         if not pairs:
             raise RewardEvalError(f"{stage}: the reward stage held out no pairs (train.reward.eval_fraction=0?)")
+    pairs = rewards.fitting(pairs, tokenizer, _stage_settings(reward_model)[1].get("max_length"))
     return pairs[: settings.limit] if settings.limit else pairs
 
 
-class RewardModel:
-    """A one-label sequence classifier and its tokenizer; ``rewards(token id lists)``."""
-
-    def __init__(self, model, tokenizer, batch_size: int = 16, device: str = "cpu"):
-        self.model, self.tokenizer, self.batch_size, self.device = model.eval().to(device), tokenizer, batch_size, device
+class RewardModel(rewards.RewardModel):
+    """``hetray.rewards.RewardModel`` that also takes a run or reward-stage folder."""
 
     @classmethod
     def load(cls, path: str, batch_size: int = 16, device: str = "auto") -> RewardModel:
-        import torch
-
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        path = model_dir_of(path)
         try:
-            model = load_model(path, SEQ_CLS)
-            tokenizer = load_tokenizer(path)
-        except OSError as e:
-            raise RewardEvalError(f"reward model {path!r} could not be loaded: {e}") from e
-        return cls(model, tokenizer, batch_size, device)
-
-    def token_ids(self, prompt, answer) -> list[int]:
-        """As TRL's RewardTrainer tokenizes a (prompt, answer)."""
-        tok = self.tokenizer
-        if isinstance(prompt, list):
-            return list(tok.apply_chat_template(prompt + answer, tokenize=True, return_dict=True)["input_ids"])
-        text = prompt + answer
-        if not text.endswith(tok.eos_token):
-            text += tok.eos_token
-        return tok(text)["input_ids"]
-
-    def rewards(self, ids: list[list[int]]) -> list[float]:
-        import torch
-
-        out = []
-        pad = self.tokenizer.pad_token_id
-        for start in range(0, len(ids), self.batch_size):
-            batch = ids[start: start + self.batch_size]
-            width = max(len(x) for x in batch)
-            input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in batch], device=self.device)
-            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in batch], device=self.device)
-            with torch.no_grad():
-                logits = self.model(input_ids=input_ids, attention_mask=mask).logits
-            out += logits[:, 0].float().tolist()
-        return out
-
-
-def _text(x) -> str:
-    return x[-1]["content"] if isinstance(x, list) else x.strip()
-
-
-def score_items(rm: RewardModel, pairs: list[dict]) -> list[dict]:
-    ids = []
-    for p in pairs:
-        ids += [rm.token_ids(p["prompt"], p["chosen"]), rm.token_ids(p["prompt"], p["rejected"])]
-    r = rm.rewards(ids)
-    return [
-        {"prompt": _text(p["prompt"]), "chosen": _text(p["chosen"]), "rejected": _text(p["rejected"]),
-         "reward_chosen": r[2 * i], "reward_rejected": r[2 * i + 1], "margin": r[2 * i] - r[2 * i + 1],
-         "correct": r[2 * i] > r[2 * i + 1]}  # strictly, as TRL counts it
-        for i, p in enumerate(pairs)
-    ]
-
-
-def aggregate(records: list[dict]) -> dict:
-    n = len(records)
-    if not n:
-        return {"accuracy": float("nan"), "pairs": 0, "margin": float("nan")}
-    return {"accuracy": sum(r["correct"] for r in records) / n, "pairs": n,
-            "margin": sum(r["margin"] for r in records) / n}
+            return super().load(model_dir_of(path), batch_size, device)
+        except rewards.RewardModelError as e:
+            raise RewardEvalError(str(e)) from e
 
 
 SUITE = Suite(

@@ -405,13 +405,16 @@ def _resolve_model(name: str, where: str, hub: Hub, embedder: bool):
 
 
 def _local_model(path: Path, where: str, hub: Hub, embedder: bool):
+    from hetray.models import adapter_base
+
     if not path.is_dir():
         raise _Problem(f"{path} is a file, not a model folder")
     adapter = path / "adapter_config.json"
     if adapter.is_file():  # a LoRA adapter: its base model is what loads
-        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
-        if not base:
-            raise _Problem(f"{adapter}: no base_model_name_or_path, so the adapter's base model is unknown")
+        try:
+            base = adapter_base(path)  # as the training and eval stages resolve it (relative, bundled, hub)
+        except ValueError as e:
+            raise _Problem(str(e)) from None
         detail, load_config = _resolve_model(base, where, hub, embedder)
         return f"a LoRA adapter on {base} ({detail})", load_config
     config = path / "config.json"

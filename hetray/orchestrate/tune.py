@@ -356,7 +356,9 @@ def trial(config: dict, cfg: JobConfig, plan: dict) -> None:
     t = cfg.tune
     job = derive(root, run, clusters_folder(root, config["n_clusters"]), fraction=config["fraction"],
                  changes={"seed": cfg.seed + config.get("repeat", 0), "train.data": "selected",
-                          "train.sft.max_steps": t.sft_steps, "train.reward.seed": plan["reward_seed"]})
+                          "train.sft.max_steps": t.sft_steps, "train.reward.seed": plan["reward_seed"],
+                          # a trial's models are measured, then dropped: no resumable checkpoints
+                          "train.sft.keep_checkpoints": 0, "train.reward.keep_checkpoints": 0})
     selection = run_select(job, out_name="selection")
     heldout = heldout_folder(plan, variant)
     train_pairs = write_pairs(run / "reward_data", [run / "selection"], heldout, job)

@@ -4,16 +4,116 @@ Defaults are the paper's hyperparameters (Aponte et al. 2024, A.3; DESIGN.md, "T
 a job that says nothing trains like the paper. The quickstart overrides them with a few tiny
 steps. Field names follow TRL's config classes where one exists, so a reader of the TRL docs
 knows what each one does.
+
+Beyond hetray's own settings, ``train.<stage>.trl_args`` passes any other field of the stage's
+TRL config class (``trl.SFTConfig``, ``trl.RewardConfig``, ``trl.experimental.ppo.PPOConfig``,
+``trl.RLOOConfig``, ``trl.DPOConfig``): checked against that class's fields, types and choices
+when the config loads; a field hetray sets from one of its settings (``OWNED``, ``TRL_OWNED``)
+is refused, naming the setting, so no knob has two places and no precedence rule is needed.
+``report_to`` (job-wide, a stage may override it), ``keep_checkpoints`` and ``push_to_hub``
+decide what a stage leaves besides its model; they are not in the stage's key.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import difflib
+import importlib
+import importlib.util
+import os
+from enum import Enum
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
 
 from hetray.models import DEFAULT_LLM
 from hetray.settings import Strict
+
+Tracker = Literal["tensorboard", "mlflow", "wandb", "none"]
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",), "wandb": ("wandb",)}
+
+# TRL / TrainingArguments fields that hetray sets itself (None) or from one of its settings
+# (train.<stage>.<name>, or the dotted path): trl_args may not set them, so every knob has one
+# place. Each stage adds its own (TRL_OWNED on the settings class).
+OWNED = {
+    "output_dir": None, "run_name": None, "max_steps": "max_steps", "num_train_epochs": "num_train_epochs",
+    "per_device_train_batch_size": "per_device_batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation_steps", "learning_rate": "learning_rate",
+    "lr_scheduler_type": "lr_scheduler", "warmup_steps": "warmup_ratio", "warmup_ratio": "warmup_ratio",
+    "weight_decay": "weight_decay", "logging_steps": "logging_steps", "save_steps": "save_steps",
+    "save_total_limit": "keep_checkpoints", "seed": "seed", "data_seed": "seed", "report_to": "report_to",
+    "use_cpu": "train.resources.use_gpu", "bf16": "precision",
+    "fp16": "precision", "gradient_checkpointing": "gradient_checkpointing",
+    "activation_checkpointing": "gradient_checkpointing", "deepspeed": "train.resources.deepspeed",
+    "push_to_hub": "push_to_hub", "hub_model_id": "push_to_hub",
+}
+
+
+def check_trackers(value: list[str]) -> list[str]:
+    """``none`` alone, or trackers whose package is installed (transformers' own callbacks log)."""
+    if "none" in value and len(value) > 1:
+        raise ValueError(f"'none' cannot be combined with {[v for v in value if v != 'none']}")
+    for name in value:
+        packages = TRACKER_PACKAGES.get(name, ())
+        if packages and not any(importlib.util.find_spec(p) for p in packages):
+            raise ValueError(f"{name!r} needs the {packages[0]!r} package, which is not installed "
+                             f"(pip install {packages[0]}), or report to 'none'")
+    return value
+
+
+def _as_list(value):
+    return [value] if isinstance(value, str) else value
+
+
+# one tracker name or a list of them; checked once, wherever report_to appears
+Trackers = Annotated[list[Tracker], BeforeValidator(_as_list), AfterValidator(check_trackers)]
+
+
+def trl_config_class(dotted: str):
+    """``"trl.SFTConfig"`` -> the class (TRL imported only when trl_args are given)."""
+    module, name = dotted.rsplit(".", 1)
+    if module == "trl.experimental.ppo":
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    return getattr(importlib.import_module(module), name)
+
+
+def check_trl_args(args: dict, dotted: str, owned: dict, stage: str) -> dict:
+    """Every key must be a field of TRL's config class ``dotted`` and not one hetray sets from
+    its own settings; every value must fit the field's type (and its choices)."""
+    import dataclasses
+    import typing
+
+    from pydantic import TypeAdapter, ValidationError
+
+    if not args:
+        return args
+    cls = trl_config_class(dotted)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    for key, value in args.items():
+        if key in owned:
+            setting = owned[key]
+            if setting is None:
+                raise ValueError(f"{key!r} is set by hetray itself and cannot be changed in trl_args")
+            where = setting if "." in setting else f"train.{stage}.{setting}"
+            raise ValueError(f"{key!r} is set by hetray from {where}: set that instead of trl_args.{key}")
+        if key not in fields:
+            near = difflib.get_close_matches(key, list(fields), n=3)
+            hint = f" (did you mean {', '.join(repr(n) for n in near)}?)" if near else ""
+            raise ValueError(f"unknown key {key!r} for {dotted}{hint}")
+        try:
+            TypeAdapter(hints[key]).validate_python(value)
+        except ValidationError as e:
+            raise ValueError(f"{key}={value!r} does not fit {dotted}.{key} ({hints[key]}): "
+                             f"{e.errors()[0]['msg']}") from None
+        allowed = list(fields[key].metadata.get("choices") or [])
+        allowed += [m.value for a in typing.get_args(hints[key]) if isinstance(a, type) and issubclass(a, Enum)
+                    for m in a]
+        if allowed and isinstance(value, str) and value not in allowed:
+            near = difflib.get_close_matches(value, list(map(str, allowed)), n=3)
+            listed = ", ".join(map(str, allowed)) if len(allowed) <= 12 else f"{len(allowed)} names"
+            hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+            raise ValueError(f"{key}={value!r} is not one of {dotted}.{key}'s values ({listed}){hint}")
+    return args
 
 
 class LoraSettings(Strict):
@@ -67,6 +167,48 @@ class _Optimisation(Strict):
         default="auto", description="auto: bf16 on GPUs that support it, else fp32"
     )
     seed: int | None = Field(default=None, description="None: the job's seed")
+    keep_checkpoints: int = Field(
+        default=2, ge=0,
+        description="last N checkpoints kept in <stage>/checkpoints/ (resumable HF checkpoints; 0: none); "
+                    "also how many a running stage keeps (at least 1)",
+    )
+    report_to: Trackers | None = Field(
+        default=None, description="trackers for this stage (tensorboard, mlflow, wandb, none); None: train.report_to"
+    )
+    trl_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra keywords for the stage's TRL config class (e.g. optim: adamw_torch), checked against "
+                    "its fields when the config loads; keys hetray sets from its own settings are refused",
+    )
+    push_to_hub: str | None = Field(
+        default=None, description="ORG/NAME: upload the stage's model to this hub repo after it trains (needs a token)"
+    )
+    push_folder: Literal["auto", "adapter", "merged"] = Field(
+        default="auto",
+        description="what push_to_hub uploads: the LoRA adapter or the merged model; auto: the adapter when its "
+                    "base is a hub model, else the merged model",
+    )
+
+    STAGE: ClassVar[str] = ""
+    TRL_CONFIG: ClassVar[str] = "transformers.TrainingArguments"  # each stage names its TRL config class
+    TRL_OWNED: ClassVar[dict] = {}
+
+    @field_validator("trl_args")
+    @classmethod
+    def _trl_fields(cls, v: dict) -> dict:
+        return check_trl_args(v, cls.TRL_CONFIG, {**OWNED, **cls.TRL_OWNED}, cls.STAGE)
+
+    @field_validator("push_to_hub")
+    @classmethod
+    def _repo_id(cls, v):
+        if v is not None:
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                validate_repo_id(v)
+            except HFValidationError as e:
+                raise ValueError(f"push_to_hub {v!r} is not a hub repo id (ORG/NAME): {e}") from None
+        return v
 
     @model_validator(mode="after")
     def _a_budget(self):
@@ -76,6 +218,10 @@ class _Optimisation(Strict):
 
 
 class SftSettings(_Optimisation):
+    STAGE: ClassVar[str] = "sft"
+    TRL_CONFIG: ClassVar[str] = "trl.SFTConfig"
+    TRL_OWNED: ClassVar[dict] = {"max_length": "max_length", "completion_only_loss": "loss", "packing": "packing"}
+
     lora: LoraSettings = Field(default_factory=lambda: LoraSettings(r=16, alpha=32, dropout=0.05))
     learning_rate: float = Field(default=1e-5, gt=0, description="paper: 1e-5")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
@@ -102,6 +248,10 @@ class SftSettings(_Optimisation):
 
 
 class RewardSettings(_Optimisation):
+    STAGE: ClassVar[str] = "reward"
+    TRL_CONFIG: ClassVar[str] = "trl.RewardConfig"
+    TRL_OWNED: ClassVar[dict] = {"max_length": "max_length"}
+
     lora: LoraSettings = Field(default_factory=lambda: LoraSettings(r=8, alpha=32, dropout=0.1))
     learning_rate: float = Field(default=2e-5, gt=0, description="paper: 2e-5")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
@@ -115,6 +265,12 @@ class RewardSettings(_Optimisation):
 
 
 class PpoSettings(_Optimisation):
+    STAGE: ClassVar[str] = "ppo"
+    TRL_CONFIG: ClassVar[str] = "trl.experimental.ppo.PPOConfig"
+    TRL_OWNED: ClassVar[dict] = {
+        "total_episodes": "max_steps", "response_length": "max_new_tokens", "num_ppo_epochs": "num_ppo_epochs",
+        "num_mini_batches": "num_mini_batches", "kl_coef": "kl_coef", "temperature": "temperature"}
+
     lora: LoraSettings = Field(default_factory=lambda: LoraSettings(r=16, alpha=32, dropout=0.05))
     learning_rate: float = Field(default=1.41e-5, gt=0, description="paper: 1.41e-5")
     per_device_batch_size: int = Field(default=1, ge=1, description="micro-batch (paper: mini-batch 1)")
@@ -142,6 +298,12 @@ class PpoSettings(_Optimisation):
 
 
 class RlooSettings(_Optimisation):
+    STAGE: ClassVar[str] = "rloo"
+    TRL_CONFIG: ClassVar[str] = "trl.RLOOConfig"
+    TRL_OWNED: ClassVar[dict] = {
+        "num_generations": "num_generations", "max_completion_length": "max_new_tokens",
+        "generation_kwargs": "min_new_tokens", "temperature": "temperature", "beta": "beta"}
+
     lora: LoraSettings = Field(default_factory=lambda: LoraSettings(r=16, alpha=32, dropout=0.05))
     learning_rate: float = Field(default=1.41e-5, gt=0, description="as PPO")
     per_device_batch_size: int = Field(default=4, ge=1, description="completions per worker per micro-step")
@@ -154,6 +316,10 @@ class RlooSettings(_Optimisation):
 
 
 class DpoSettings(_Optimisation):
+    STAGE: ClassVar[str] = "dpo"
+    TRL_CONFIG: ClassVar[str] = "trl.DPOConfig"
+    TRL_OWNED: ClassVar[dict] = {"max_length": "max_length", "beta": "beta"}
+
     lora: LoraSettings = Field(default_factory=lambda: LoraSettings(r=16, alpha=32, dropout=0.05))
     learning_rate: float = Field(default=1e-5, gt=0, description="as SFT")
     beta: float = Field(default=0.1, gt=0, description="DPO temperature: strength of the implicit KL")
@@ -173,6 +339,12 @@ class TrainConfig(Strict):
         default="{prompt}",
         description="raw text: the prompt as the model reads it ({prompt} is replaced); the answer follows after "
                     "one space (e.g. 'Question: {prompt}\\nAnswer:')",
+    )
+    report_to: Trackers = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="trackers every stage logs to through transformers' own callbacks (rank 0 only): tensorboard "
+                    "(events in <stage>/tensorboard/), mlflow, wandb (each needs its package), or none; "
+                    "a stage's report_to overrides it",
     )
     resources: ResourceSettings = Field(default_factory=ResourceSettings)
     sft: SftSettings = Field(default_factory=SftSettings)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from hetray.models import CAUSAL, load_model, load_tokenizer
 from hetray.pairs import pair_rows, text_format
 from hetray.train.driver import StageJob, start_model, train_stage
-from hetray.train.worker import lora_config, set_budget, training_args
+from hetray.train.worker import lora_config, set_budget, trl_config
 
 
 def run_dpo(cfg, force: bool = False) -> dict:
@@ -30,7 +30,7 @@ def build_trainer(job: StageJob):
     s = job.settings
     tokenizer = load_tokenizer(job.model)
     rows = pair_rows(job.data_dir, text_format(tokenizer, job.text_format, job.raw_template))
-    args = DPOConfig(**training_args(job), max_length=s.max_length, beta=s.beta)
+    args = trl_config(DPOConfig, job, max_length=s.max_length, beta=s.beta)
     trainer = DPOTrainer(
         model=load_model(job.model, CAUSAL),
         ref_model=None,

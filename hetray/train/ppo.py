@@ -47,7 +47,7 @@ from transformers import TrainerCallback
 from hetray.models import CAUSAL, SEQ_CLS, load_model, load_tokenizer
 from hetray.pairs import prompt_rows, text_format
 from hetray.train.driver import STAGE_MODEL_DIR, StageJob, train_stage
-from hetray.train.worker import lora_config, plan_budget, short_prompts, training_args, world_size
+from hetray.train.worker import lora_config, plan_budget, short_prompts, trl_config, world_size
 
 VALUE_FILE = "value_model.safetensors"
 
@@ -75,8 +75,8 @@ def build_trainer(job: StageJob):
     rows = short_prompts(prompt_rows(job.data_dir, fmt), tokenizer, s.max_length)
     rollout = s.per_device_batch_size * s.gradient_accumulation_steps * world_size()  # episodes per update
     budget = plan_budget(s.max_steps, s.num_train_epochs, rows=len(rows), rows_per_step=rollout)
-    args = PPOConfig(
-        **training_args(job),
+    args = trl_config(
+        PPOConfig, job,
         total_episodes=budget.max_steps * rollout,  # PPO's updates: ceil(total_episodes / rollout)
         response_length=s.max_new_tokens,
         stop_token="eos",

@@ -19,7 +19,7 @@ from pathlib import Path
 from hetray.models import CAUSAL, load_model, load_tokenizer
 from hetray.pairs import prompt_rows, text_format
 from hetray.train.driver import STAGE_MODEL_DIR, StageJob, train_stage
-from hetray.train.worker import lora_config, set_budget, short_prompts, training_args
+from hetray.train.worker import lora_config, set_budget, short_prompts, trl_config
 
 
 def run_rloo(cfg, force: bool = False) -> dict:
@@ -41,8 +41,8 @@ def build_trainer(job: StageJob):
     tokenizer = load_tokenizer(job.model)
     fmt = text_format(tokenizer, job.text_format, job.raw_template)
     rows = short_prompts(prompt_rows(job.data_dir, fmt), tokenizer, s.max_length)
-    args = RLOOConfig(
-        **training_args(job),
+    args = trl_config(
+        RLOOConfig, job,
         num_generations=s.num_generations,
         max_completion_length=s.max_new_tokens,
         generation_kwargs={"min_new_tokens": s.min_new_tokens},

@@ -21,7 +21,7 @@ from hetray.pairs import sft_rows, text_format
 from hetray.schema import parquet_files
 from hetray.stage import Stage
 from hetray.train.driver import StageJob, resolve_base, train_stage, training_stage
-from hetray.train.worker import lora_config, set_budget, training_args
+from hetray.train.worker import lora_config, set_budget, trl_config
 
 
 def run_sft(cfg, force: bool = False) -> dict:
@@ -53,8 +53,8 @@ def build_trainer(job: StageJob):
     s = job.settings
     tokenizer = load_tokenizer(job.model)
     rows = sft_rows(job.data_dir, job.extra["sft_only"], text_format(tokenizer, job.text_format, job.raw_template))
-    args = SFTConfig(**training_args(job), max_length=s.max_length, completion_only_loss=s.loss == "completion",
-                     packing=s.packing)
+    args = trl_config(SFTConfig, job, max_length=s.max_length, completion_only_loss=s.loss == "completion",
+                      packing=s.packing)
     trainer = SFTTrainer(
         model=load_model(job.model, CAUSAL),
         args=args,

@@ -5,8 +5,14 @@
 ``max_steps`` or ``num_train_epochs``, the smaller wins), adds ``RayReport`` (metrics -> ``ray.train.report``
 on every log, the HF checkpoint -> a Ray ``Checkpoint`` on every save) and, when Ray restarted
 it after a failure, resumes the HF trainer from the last reported checkpoint: weights,
-optimizer, scheduler, step and logs. Rank 0 then writes ``adapter/`` (LoRA), ``merged/`` (base
-+ adapter, with the tokenizer: what the next stage loads) and ``metrics.json``.
+optimizer, scheduler, step and logs. Rank 0 then writes ``adapter/`` (LoRA, with the
+tokenizer), ``merged/`` (base + adapter, with the tokenizer: what the next stage loads), the
+stage's final metrics (``finish``, on the merged model) and ``metrics.json``.
+
+Tracking is transformers' own: ``report_to`` names its callbacks (TensorBoard, MLflow, W&B),
+which log on rank 0 only; TensorBoard writes ``<stage>/tensorboard/`` (``TENSORBOARD_LOGGING_DIR``,
+the variable its callback reads). ``trl_args`` are merged over hetray's keywords into the TRL
+config (``trl_config``); the config check refused every key hetray sets itself.
 """
 
 from __future__ import annotations
@@ -18,13 +24,15 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
 
-from transformers import TrainerCallback
+from transformers import PrinterCallback, TrainerCallback
 
 from hetray.models import CAUSAL, SEQ_CLS, load_model
-from hetray.train.driver import STAGE_MODEL_DIR, StageJob
+from hetray.train.driver import STAGE_MODEL_DIR, TENSORBOARD_DIR, StageJob
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +161,11 @@ def training_args(job: StageJob) -> dict:
         logging_steps=s.logging_steps,
         save_strategy="steps",
         save_steps=s.save_steps,
-        save_total_limit=2,
+        save_total_limit=max(1, s.keep_checkpoints),  # while training; the driver keeps the last N at the end
         seed=job.seed,
         data_seed=job.seed,
-        report_to="none",
+        report_to=list(job.report_to) or "none",
+        run_name=job.run_name,
         use_cpu=not job.use_gpu,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
@@ -168,18 +177,49 @@ def training_args(job: StageJob) -> dict:
     )
 
 
+def trl_config(cls, job: StageJob, **stage_kwargs):
+    """The stage's TRL config: hetray's TrainingArguments keywords, the stage's own, then
+    ``trl_args`` over both (the config check refused the keys hetray sets, so nothing of
+    hetray's is overridden; trl_args win over hetray's fixed defaults such as ``disable_tqdm``)."""
+    return cls(**{**training_args(job), **stage_kwargs, **job.settings.trl_args})
+
+
+def trl_record(args, job: StageJob) -> dict:
+    """What the manifest records of the TRL config: its class and the trl_args as it holds them."""
+    def plain(v):
+        return v.value if isinstance(v, Enum) else v
+
+    cls = type(args)
+    return {"class": f"{cls.__module__.split('.')[0]}.{cls.__name__}",
+            "trl_args": {k: plain(getattr(args, k)) for k in job.settings.trl_args}}
+
+
 class RayReport(TrainerCallback):
     """Every log -> ``ray.train.report``; every save -> a Ray Checkpoint.
 
     ``ray.train.report`` is a barrier, so every rank calls it as often (HF calls on_log and
     on_save on every rank). Rank 0 reports the whole HF checkpoint folder; the other ranks
-    report only their own files (RNG state, DeepSpeed shards), which Ray merges into it.
+    report only their own files (RNG state, DeepSpeed shards), which Ray merges into it. Each
+    log also carries the step budget and the seconds per step so far, for the driver's
+    console line (``hetray.train.progress``).
     """
+
+    started, first_step = None, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started, self.first_step = time.monotonic(), None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.first_step is None:  # here, not at train begin: a resumed PPO sets its step after that
+            self.first_step = state.global_step - 1
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         import ray.train
 
-        ray.train.report({**_scalars(logs or {}), "step": state.global_step})
+        done = state.global_step - (self.first_step if self.first_step is not None else state.global_step)
+        pace = (time.monotonic() - self.started) / done if done > 0 and self.started else None
+        ray.train.report({**_scalars(logs or {}), "step": state.global_step, "max_steps": state.max_steps,
+                          **({"s_per_step": pace} if pace else {})})
 
     def on_save(self, args, state, control, **kwargs):
         import ray.train
@@ -229,6 +269,9 @@ def train_loop(config: dict) -> None:
     job: StageJob = config["job"]
     if not job.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed on CPU (before it is imported)
+    # transformers' TensorBoard callback reads its folder from here (TrainingArguments has no logging_dir in v5)
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(job.out_dir) / TENSORBOARD_DIR)
+    _quiet_ray_reports()
     rank = ray.train.get_context().get_world_rank()
     _note_pid(job, rank)
     if job.deepspeed:  # let DeepSpeed adopt Ray's process group (ZeRO-3 builds the model sharded)
@@ -236,6 +279,7 @@ def train_loop(config: dict) -> None:
 
         deepspeed.init_distributed(dist_backend="nccl" if job.use_gpu else "gloo")
     trainer = config["build"](job)
+    trainer.remove_callback(PrinterCallback)  # a dict per log per worker; the driver prints one line instead
     trainer.add_callback(RayReport())
     train = config.get("train", hf_train)
     checkpoint = ray.train.get_checkpoint()
@@ -247,10 +291,21 @@ def train_loop(config: dict) -> None:
             resumed_from = json.loads((Path(folder) / "trainer_state.json").read_text())["global_step"]
             log.warning("train %s: rank %d resumes from the checkpoint at step %d", job.stage, rank, resumed_from)
             train(trainer, folder)
-    final = config["finish"](trainer, job) if "finish" in config else {}
     config.get("save", hf_save)(trainer, str(Path(job.out_dir) / "adapter"))
     if rank == 0:
-        _write_outputs(trainer, job, resumed_from, final)
+        _write_outputs(trainer, job, resumed_from, config.get("finish"))
+
+
+def _quiet_ray_reports() -> None:
+    """Ray Train logs "Reporting training result ..." (every metric) and "Checkpoint
+    successfully created at ..." at INFO on every worker for every report; the driver prints
+    one readable line instead. The first logger is named after its module's file."""
+    try:
+        from ray.train.v2._internal.execution import context, storage
+    except ImportError:  # another Ray: its chatter stays
+        return
+    for name in (context.__file__, storage.__name__):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def hf_train(trainer, checkpoint_dir: str | None) -> None:
@@ -271,13 +326,17 @@ def _note_pid(job: StageJob, rank: int) -> None:
         f.write(f"{os.getpid()}\n")
 
 
-def _write_outputs(trainer, job: StageJob, resumed_from, final: dict) -> None:
-    """Rank 0: the merged checkpoint and the metrics history."""
+def _write_outputs(trainer, job: StageJob, resumed_from, finish=None) -> None:
+    """Rank 0: the tokenizer beside the adapter, the merged checkpoint, the final metrics
+    (``finish(trainer, job, merged_dir) -> dict``, e.g. the reward model's held-out accuracy)
+    and the metrics history."""
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()  # else ZeRO-3 would shard the merge's model loads over ranks that are done
     out = Path(job.out_dir)
+    trainer.processing_class.save_pretrained(out / "adapter")  # an adapter loads on its own (PPO saves none)
     merge_adapter(job.model, out / "adapter", out / STAGE_MODEL_DIR, job.head, trainer.processing_class)
+    final = finish(trainer, job, out / STAGE_MODEL_DIR) if finish else {}
     budget = getattr(trainer, "budget", None)  # None: a trainer built without set_budget (benchmarks)
     metrics = {
         "stage": job.stage,
@@ -288,6 +347,7 @@ def _write_outputs(trainer, job: StageJob, resumed_from, final: dict) -> None:
             **asdict(budget), "steps_per_epoch": budget.steps_per_epoch,
             "epochs_seen": budget.epochs_seen(trainer.state.global_step)},
         "final": final,
+        "trl_config": trl_record(trainer.args, job),
         "history": [dict(h) for h in trainer.state.log_history],
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str) + "\n")

@@ -101,6 +101,11 @@ def test_the_tracker_setting(tmp_path, tiny_llama):
              report_to=["none"])  # eval.report_to wins over the job's train.report_to
     assert (tmp_path / "on" / "tensorboard" / "base").is_dir()
     assert uses_tensorboard(["tensorboard", "wandb"]) and uses_tensorboard("all") and not uses_tensorboard("none")
+    job = tmp_path / "job.yaml"
+    job.write_text("convert:\n  sources: [{name: wg, format: winogrande, path: x.jsonl}]\n"
+                   "train:\n  report_to: [none]\n")
+    assert eval_config(str(job), [], None)[0].report_to == "none"
+    assert eval_config(str(job), ["report_to=tensorboard"], None)[0].report_to == "tensorboard"
     assert eval_config(None, [], None)[0].report_to is None  # run_eval: tensorboard
 
 
