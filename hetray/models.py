@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -87,6 +88,13 @@ def _gguf_file() -> Path:
     return found[0]
 
 
+def quiet_deepspeed_on_cpu(torch) -> None:
+    """Without CUDA, tell DeepSpeed it runs on CPU (``DS_ACCELERATOR``) before anything imports it:
+    its auto-detection would pick CPU too, but prints a warning to stdout when it does."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def _convert_gguf(gguf: Path) -> Path:
     """Dequantise the GGUF into a safetensors checkpoint in the cache, once; return its folder."""
     st = gguf.stat()
@@ -100,8 +108,13 @@ def _convert_gguf(gguf: Path) -> Path:
         if target.is_dir():  # another process converted it while we waited
             return target
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+        quiet_deepspeed_on_cpu(torch)
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+        from transformers.utils import logging as hf_logging
+
+        if not sys.stderr.isatty():  # a pipe or a file gets no bar (its \r updates make one long line)
+            hf_logging.disable_progress_bar()
         log.info("converting %s (%s) to a float32 safetensors checkpoint in %s once, takes ~30 s",
                  DEFAULT_LLM, gguf.name, target)
         start = time.monotonic()
@@ -186,6 +199,9 @@ def load_tokenizer(name: str):
 def load_model(name: str, head: str = CAUSAL, dtype=None):
     """A causal LM (``CAUSAL``) or a one-label sequence classifier (``SEQ_CLS``: the reward and
     value head) from a bundled alias, a folder or a hub id; pad token set from its tokenizer."""
+    import torch
+
+    quiet_deepspeed_on_cpu(torch)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_llm(name)

@@ -204,7 +204,7 @@ def train_stage(cfg, stage: str, settings, model: str, head: str, build_trainer:
         finish_models(cfg, job, out, metrics)
         shutil.rmtree(job.work_dir, ignore_errors=True)
         shutil.rmtree(ray_run, ignore_errors=True)
-        log.info("train %s: %d steps", stage, metrics["global_step"])
+        log.debug("train %s: %d steps", stage, metrics["global_step"])
         budget = metrics.get("budget") or {}
         outputs = {"adapter": "adapter", "merged": STAGE_MODEL_DIR, "metrics": "metrics.json", "plot": "loss.png"}
         if (out / TENSORBOARD_DIR).is_dir():
