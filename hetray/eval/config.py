@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from hetray.settings import Strict
+from hetray.tracking import Trackers
 
 # Every suite, in report order; each is declared once in its own module (hetray.eval.suites).
 SUITE_NAMES = ("winobias", "winogender", "winogrande", "reward", "chat")
@@ -92,9 +93,9 @@ class EvalConfig(Strict):
         default=None, description="model the others are compared with, pair by pair (None: 'base' if "
         "evaluated, else the first model)",
     )
-    report_to: Literal["tensorboard", "none"] | None = Field(
-        default=None, description="where the metrics are logged besides metrics.json: tensorboard (a writer per "
-        "model under eval/tensorboard/); None: as train.report_to (tensorboard unless set otherwise)",
+    report_to: Trackers | None = Field(
+        default=None, description="trackers the metrics are logged to besides metrics.json: tensorboard (a writer "
+        "per model under eval/tensorboard/), mlflow, wandb (a run per model), none; None: as train.report_to",
     )
     winobias: WinoBiasSettings = Field(default_factory=WinoBiasSettings)
     winogender: WinoGenderSettings = Field(default_factory=WinoGenderSettings)

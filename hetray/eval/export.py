@@ -143,12 +143,6 @@ def git_hash() -> str | None:
 # ---------------------------------------------------------------------------- TensorBoard
 
 
-def uses_tensorboard(report_to) -> bool:
-    """``report_to`` (a name, a list of names, "all" or "none", as ``train.report_to``) names TensorBoard."""
-    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    return any(n in ("tensorboard", "all") for n in names)
-
-
 def write_tensorboard(out: Path, metrics_by_model: dict) -> dict[str, str]:
     """Every float metric of every model as a scalar ``<suite>/<metric>`` in
     ``tensorboard/<model>/`` (the library's writer); returns ``{model: folder relative to out}``."""

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from hetray.eval.config import EvalConfig
-from hetray.eval.export import write_lm_eval, write_tensorboard
+from hetray.eval.export import write_lm_eval
+from hetray.tracking import log_eval
 from hetray.eval.report import write_report
 from hetray.eval.suites import SUITES
 from hetray.stage import versions
@@ -56,7 +57,7 @@ def write_records(records: list[dict], out: Path, suite: str) -> str:
 
 
 def write_outputs(out: Path, models: dict[str, str], cfg: EvalConfig, seed: int, extra: dict, rewards: dict,
-                  measured, started: float, tensorboard: bool = False) -> dict:
+                  measured, started: float, trackers: list[str] = (), run_name: str = "hetray/eval") -> dict:
     """Write everything; return what ``metrics.json`` holds. ``measured``: the runner's
     per-model metrics (with CIs), groups, wall times, per-suite records, and the paired
     differences against the baseline (``_meta.paired``; shape: ``hetray.eval.stats``)."""
@@ -70,8 +71,8 @@ def write_outputs(out: Path, models: dict[str, str], cfg: EvalConfig, seed: int,
     paths["report"] = write_report(measured.metrics, out, run_info=extra, paired=finite(measured.paired),
                                    bootstrap=measured.bootstrap)
     paths["lm_eval"] = write_lm_eval(out, models, measured, cfg, seed, started, time.time())
-    if tensorboard:
-        paths["tensorboard"] = write_tensorboard(out, measured.metrics)
+    if trackers:  # through each tracker's own library (hetray.tracking)
+        paths.update(log_eval(trackers, out, run_name, measured.metrics))
     result = {**measured.metrics, META: {
         "models": dict(models), "suites": list(measured.records), "seed": seed,
         "config": cfg.model_dump(mode="json"), "runs": extra, "reward_models": rewards,

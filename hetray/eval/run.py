@@ -37,7 +37,7 @@ from pathlib import Path
 
 from hetray.eval import reward, stats
 from hetray.eval.config import SUITE_NAMES, EvalConfig
-from hetray.eval.export import uses_tensorboard
+from hetray.tracking import active
 from hetray.eval.outputs import META, write_outputs
 from hetray.eval.pool import EvalError, Pool
 from hetray.eval.suite import Suite
@@ -48,10 +48,12 @@ log = logging.getLogger(__name__)
 
 
 def run_eval(models: dict[str, str], eval_cfg: EvalConfig, out_dir, seed: int = 0,
-             reward_model: str | None = None, extra: dict[str, dict] | None = None, report_to=None) -> dict:
+             reward_model: str | None = None, extra: dict[str, dict] | None = None, report_to=None,
+             run_name: str = "hetray/eval") -> dict:
     """Evaluate ``{name: model}`` on ``eval_cfg.suites``; write metrics, records and the report.
     ``report_to``: the job's ``train.report_to``, used when ``eval_cfg.report_to`` is None
-    (None too: tensorboard). Returns what ``metrics.json`` holds."""
+    (None too: tensorboard); ``run_name``: the trackers' run name (each model's run adds
+    ``/<model>``). Returns what ``metrics.json`` holds."""
     started = time.time()
     extra = extra or {}
     suites = [s for name, s in SUITES.items() if name in eval_cfg.suites]
@@ -73,9 +75,10 @@ def run_eval(models: dict[str, str], eval_cfg: EvalConfig, out_dir, seed: int = 
     for suite in scored_by_rm:
         _run_reward(suite, rewards, eval_cfg, seed, measured)
     measured.compare(baseline)
-    tracker = eval_cfg.report_to if eval_cfg.report_to is not None else (report_to or "tensorboard")
+    trackers = eval_cfg.report_to if eval_cfg.report_to is not None else (
+        report_to if report_to is not None else ["tensorboard"])
     return write_outputs(Path(out_dir), models, eval_cfg, seed, extra, rewards, measured, started,
-                         tensorboard=uses_tensorboard(tracker))
+                         trackers=active(trackers), run_name=run_name)
 
 
 def _loaded(kind: str, name: str, path: str, cfg: EvalConfig, seed: int) -> Pool:
@@ -247,8 +250,8 @@ def eval_config(config: str | None, overrides: list[str], suites: str | None) ->
 
     job = load_config(config) if config else None
     data = job.eval.model_dump(mode="json") if job else {}
-    if job and data.get("report_to") is None:  # the job's tracker (train.report_to), tensorboard by default
-        data["report_to"] = "tensorboard" if uses_tensorboard(getattr(job.train, "report_to", "tensorboard")) else "none"
+    if job and data.get("report_to") is None:  # the job's trackers (train.report_to), tensorboard by default
+        data["report_to"] = list(job.train.report_to)
     apply_overrides(data, [o[len("eval."):] if o.startswith("eval.") else o for o in overrides])
     if suites:
         data["suites"] = [s.strip() for s in suites.split(",") if s.strip()]

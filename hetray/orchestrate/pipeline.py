@@ -223,7 +223,8 @@ def run_evaluation(cfg: JobConfig, models: dict, info: dict, force: bool = False
                   config={"eval": cfg.eval.model_dump(mode="json"), "seed": cfg.seed, "info": info, "models": names})
 
     def work(tmp: Path) -> dict:
-        run_eval(models, cfg.eval, tmp / "eval", seed=cfg.seed, extra=info)
+        run_eval(models, cfg.eval, tmp / "eval", seed=cfg.seed, extra=info, report_to=cfg.train.report_to,
+                 run_name=f"{cfg.name}/{Path(cfg.run_dir).name}/eval")
         return {"models": {n: _relative(models[n], stage.root) for n in names}}
 
     return run_stage(stage, work, force=force)

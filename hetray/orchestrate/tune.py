@@ -58,6 +58,7 @@ from hetray.orchestrate.tune_report import format_table, write_outputs
 from hetray.pairs import held_out
 from hetray.schema import PREFERENCE_SCHEMA, parquet_files
 from hetray.stage import RunDirBusy, Stage, locked, read_manifest, run_stage
+from hetray.tracking import tune_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -299,9 +300,11 @@ def search(cfg: JobConfig, plan: dict):
             num_samples=t.num_samples if t.search == "random" else 1,
         ),
         # Tune's own trial table: with -v only; a line per trial round instead. Tune's default
-        # loggers stay: each trial's results as CSV, JSON and TensorBoard events in storage
+        # loggers stay: each trial's results as CSV, JSON and TensorBoard events in storage;
+        # MLflow / W&B through Tune's own callbacks when train.report_to names them
         run_config=tune.RunConfig(storage_path=str(storage), name="search", verbose=1 if console.verbose() else 0,
-                                  callbacks=[trial_lines(t.metric, len(plan["budgets"]))]),
+                                  callbacks=[trial_lines(t.metric, len(plan["budgets"])),
+                                             *tune_callbacks(cfg.train.report_to, f"{cfg.name}-tune")]),
     )
     with console.printed_to_log("ray.tune.output"):
         results = tuner.fit()

@@ -21,15 +21,13 @@ import importlib
 import importlib.util
 import os
 from enum import Enum
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from hetray.models import DEFAULT_LLM
 from hetray.settings import Strict
-
-Tracker = Literal["tensorboard", "mlflow", "wandb", "none"]
-TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",), "wandb": ("wandb",)}
+from hetray.tracking import Trackers
 
 # TRL / TrainingArguments fields that hetray sets itself (None) or from one of its settings
 # (train.<stage>.<name>, or the dotted path): trl_args may not set them, so every knob has one
@@ -46,26 +44,6 @@ OWNED = {
     "activation_checkpointing": "gradient_checkpointing", "deepspeed": "train.resources.deepspeed",
     "push_to_hub": "push_to_hub", "hub_model_id": "push_to_hub",
 }
-
-
-def check_trackers(value: list[str]) -> list[str]:
-    """``none`` alone, or trackers whose package is installed (transformers' own callbacks log)."""
-    if "none" in value and len(value) > 1:
-        raise ValueError(f"'none' cannot be combined with {[v for v in value if v != 'none']}")
-    for name in value:
-        packages = TRACKER_PACKAGES.get(name, ())
-        if packages and not any(importlib.util.find_spec(p) for p in packages):
-            raise ValueError(f"{name!r} needs the {packages[0]!r} package, which is not installed "
-                             f"(pip install {packages[0]}), or report to 'none'")
-    return value
-
-
-def _as_list(value):
-    return [value] if isinstance(value, str) else value
-
-
-# one tracker name or a list of them; checked once, wherever report_to appears
-Trackers = Annotated[list[Tracker], BeforeValidator(_as_list), AfterValidator(check_trackers)]
 
 
 def trl_config_class(dotted: str):

@@ -38,6 +38,7 @@ from typing import Any, Callable
 from hetray.models import check_model, linear_module_names, resolve_llm
 from hetray.schema import parquet_files
 from hetray.stage import Stage, read_manifest, require_ray, run_stage
+from hetray.tracking import active, tracker_env
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,12 @@ class StageJob:
     raw_template: str = "{prompt}"  # train.raw_template
     report_to: list = field(default_factory=list)  # transformers' trackers (empty: none)
     run_name: str | None = None  # <job>/<run folder>/<stage>, for the trackers
+    tracker_env: dict = field(default_factory=dict, repr=False)  # the driver's MLFLOW_* / WANDB_* variables
 
 
 def report_to(cfg, settings) -> list[str]:
     """The stage's trackers: its own ``report_to`` or ``train.report_to``; ``none`` -> []."""
-    chosen = settings.report_to if settings.report_to is not None else cfg.train.report_to
-    return [t for t in chosen if t != "none"]
+    return active(settings.report_to if settings.report_to is not None else cfg.train.report_to)
 
 
 def run_name(cfg, stage: str) -> str:
@@ -190,7 +191,7 @@ def train_stage(cfg, stage: str, settings, model: str, head: str, build_trainer:
             use_gpu=spec.config["use_gpu"],
             deepspeed=str(Path(r.deepspeed).resolve()) if r.deepspeed else None, extra=extra or {},
             text_format=cfg.train.text_format, raw_template=cfg.train.raw_template,
-            report_to=report_to(cfg, settings), run_name=run_name(cfg, stage))
+            report_to=report_to(cfg, settings), run_name=run_name(cfg, stage), tracker_env=tracker_env())
         validate(cfg, job)
         result, ray_run = _fit(cfg, job, spec.key(), build_trainer, force, worker_fns)
         out = tmp / stage

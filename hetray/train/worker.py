@@ -271,6 +271,7 @@ def train_loop(config: dict) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed on CPU (before it is imported)
     # transformers' TensorBoard callback reads its folder from here (TrainingArguments has no logging_dir in v5)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(job.out_dir) / TENSORBOARD_DIR)
+    os.environ.update(job.tracker_env)  # MLflow / W&B set up as on the driver, whenever Ray started
     _quiet_ray_reports()
     rank = ray.train.get_context().get_world_rank()
     _note_pid(job, rank)

@@ -13,7 +13,7 @@ import pytest
 
 from hetray.eval import stats
 from hetray.eval.config import EvalConfig
-from hetray.eval.export import sanitize, uses_tensorboard
+from hetray.eval.export import sanitize
 from hetray.eval.run import eval_config, run_eval
 from hetray.eval.suites import SUITES
 
@@ -97,15 +97,14 @@ def test_the_tracker_setting(tmp_path, tiny_llama):
     small = cfg(suites=["chat"], bootstrap=0)
     run_eval({"base": tiny_llama}, small, tmp_path / "off", report_to=["none"])
     assert not (tmp_path / "off" / "tensorboard").exists()
-    run_eval({"base": tiny_llama}, small.model_copy(update={"report_to": "tensorboard"}), tmp_path / "on",
+    run_eval({"base": tiny_llama}, small.model_copy(update={"report_to": ["tensorboard"]}), tmp_path / "on",
              report_to=["none"])  # eval.report_to wins over the job's train.report_to
     assert (tmp_path / "on" / "tensorboard" / "base").is_dir()
-    assert uses_tensorboard(["tensorboard", "wandb"]) and uses_tensorboard("all") and not uses_tensorboard("none")
     job = tmp_path / "job.yaml"
     job.write_text("convert:\n  sources: [{name: wg, format: winogrande, path: x.jsonl}]\n"
                    "train:\n  report_to: [none]\n")
-    assert eval_config(str(job), [], None)[0].report_to == "none"
-    assert eval_config(str(job), ["report_to=tensorboard"], None)[0].report_to == "tensorboard"
+    assert eval_config(str(job), [], None)[0].report_to == ["none"]
+    assert eval_config(str(job), ["report_to=tensorboard"], None)[0].report_to == ["tensorboard"]
     assert eval_config(None, [], None)[0].report_to is None  # run_eval: tensorboard
 
 

@@ -10,6 +10,7 @@ loads from a copy elsewhere, the upload call, and the reward stage's accuracy eq
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import re
@@ -257,8 +258,14 @@ def sft_run(tmp_path_factory, tiny_llama, ray_local):
                lambda self, repo_id, **kw: calls.append(("create_repo", repo_id, kw)))
     mp.setattr(huggingface_hub.HfApi, "upload_folder",
                lambda self, **kw: calls.append(("upload_folder", kw["repo_id"], kw)))
-    cfg = job_config(write_pairs(tmp_path_factory.mktemp("tracking") / "run", 12), {
-        "model": tiny_llama, "resources": {"num_workers": 1, "max_failures": 0},
+    root = tmp_path_factory.mktemp("tracking")
+    trackers = ["tensorboard"]
+    if HAVE_MLFLOW:  # set on the driver only: the stage passes MLFLOW_* on to its Ray Train workers
+        trackers.append("mlflow")
+        for k, v in mlflow_env(root).items():
+            mp.setenv(k, v)
+    cfg = job_config(write_pairs(root / "run", 12), {
+        "model": tiny_llama, "resources": {"num_workers": 1, "max_failures": 0}, "report_to": trackers,
         "sft": {**TINY, "max_steps": STEPS, "save_steps": 2, "keep_checkpoints": 2, "learning_rate": 1e-3,
                 "trl_args": {"optim": "adamw_torch", "max_grad_norm": 0.5}, "push_to_hub": "org/tiny-sft"}},
         name="job")
@@ -279,6 +286,15 @@ def sft_run(tmp_path_factory, tiny_llama, ray_local):
     return cfg, manifest, again, calls, lines
 
 
+HAVE_MLFLOW = importlib.util.find_spec("mlflow") is not None
+
+
+def mlflow_env(root: Path) -> dict:
+    """A local MLflow file store (MLflow 3 refuses one unless MLFLOW_ALLOW_FILE_STORE is set)."""
+    return {"MLFLOW_TRACKING_URI": (root / "mlruns").as_uri(), "MLFLOW_ALLOW_FILE_STORE": "true",
+            "MLFLOW_EXPERIMENT_NAME": "hetray-test"}
+
+
 @pytest.mark.slow
 def test_tensorboard_events_hold_the_train_loss(sft_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -293,8 +309,30 @@ def test_tensorboard_events_hold_the_train_loss(sft_run):
     logged = [h["loss"] for h in json.loads((out / "metrics.json").read_text())["history"] if "loss" in h]
     assert [e.value for e in loss] == pytest.approx(logged, rel=1e-5)
     assert "train/learning_rate" in events.Tags()["scalars"]
-    assert manifest["tracking"] == {"report_to": ["tensorboard"], "run_name": "job/run/sft"}
+    assert manifest["tracking"] == {"report_to": ["tensorboard", *(["mlflow"] if HAVE_MLFLOW else [])],
+                                    "run_name": "job/run/sft"}
     assert manifest["outputs"]["tensorboard"] == "tensorboard"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_MLFLOW, reason="mlflow is not installed (pip install mlflow-skinny)")
+def test_mlflow_run_holds_the_train_loss(sft_run, monkeypatch):
+    """transformers' MLflowCallback, in the Ray Train worker, logged to the driver's MLflow store."""
+    from mlflow.tracking import MlflowClient
+
+    cfg, _, _, _, _ = sft_run
+    env = mlflow_env(Path(cfg.run_dir).parent)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("hetray-test")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_name for r in runs] == ["job/run/sft"]
+    history = client.get_metric_history(runs[0].info.run_id, "loss")
+    logged = [h["loss"] for h in json.loads((Path(cfg.run_dir) / "sft" / "metrics.json").read_text())["history"]
+              if "loss" in h]
+    assert [m.step for m in history] == list(range(1, STEPS + 1))
+    assert [m.value for m in history] == pytest.approx(logged, rel=1e-6)
 
 
 @pytest.mark.slow
