@@ -1,24 +1,36 @@
-"""Benchmark: hetray's distributed k-means vs scikit-learn KMeans and faiss.Kmeans, same data.
+"""Benchmark: hetray's distributed k-means (each backend) vs scikit-learn KMeans and faiss.Kmeans, same data.
 
-    python benchmarks/bench_kmeans.py            # 200k and 1M vectors, k=10 and k=1000 (~25 min, 2 cores)
-    python benchmarks/bench_kmeans.py --quick    # 20k and 50k vectors, k=10 and k=100 (a smoke run)
+    python benchmarks/bench_kmeans.py            # 200k and 1M vectors, k=10 and k=1000 (~40 min quiet, 2 cores)
+    python benchmarks/bench_kmeans.py --quick    # 20k and 50k vectors, k=10 and k=300 (a smoke run)
 
 Data: normalised 384-d vectors (the all-MiniLM-L6-v2 width) drawn around 64 random unit
 centres with Gaussian noise about as large as the centres, so the blobs overlap the way
 sentence embeddings do. hetray reads them from a Ray Dataset (``ray.data.from_numpy`` in
-blocks of 65,536 rows, local Ray with 2 CPUs); scikit-learn and faiss get the in-memory array.
+blocks of 65,536 rows, local Ray with 2 CPUs), once per backend (``numpy``, ``faiss``; the
+default ``auto`` picks faiss from k=256 up); scikit-learn and faiss get the in-memory array.
 
-Per configuration all three use the same ``n_init`` and ``max_iter`` (printed with the
-results). scikit-learn and hetray stop earlier when the centroids move less than tol=1e-4
-(relative); faiss has no tolerance and always runs ``max_iter`` iterations. faiss's default
-subsampling (256 points per centroid) is switched off so it trains on the same n points.
-The inertia of every result is measured the same way (exact nearest-centroid search with
-faiss.IndexFlatL2, summed in float64), outside the timings.
+Per configuration all use the same ``n_init`` and ``max_iter`` (printed with the results).
+scikit-learn and hetray stop earlier when the centroids move less than tol=1e-4 (relative);
+faiss has no tolerance and always runs ``max_iter`` iterations. faiss's default subsampling
+(256 points per centroid) is switched off so it trains on the same n points. The inertia of
+every result is measured the same way (exact nearest-centroid search with faiss.IndexFlatL2,
+summed in float64), outside the timings. hetray's time is split into its sample pass, its
+k-means++ initialisation on the sample, and its Lloyd passes (one per update, plus the final
+pass that measures the inertia of the final centroids, as scikit-learn does); "s/pass" and
+faiss's "s/iter" compare one pass over the data each.
 
-Driver memory: for hetray the peak of Python/numpy allocations in the driver while fitting
-(tracemalloc) and the peak RSS growth; for the others the RSS growth while fitting (their
-input array is already resident). hetray's driver holds the initialisation sample and
+Driver memory: the growth of the traced peak of Python/numpy allocations while fitting
+(tracemalloc) and of the peak RSS; hetray's driver holds the initialisation sample and
 O(n_init*k*d) partial sums, so its peak should not grow with n.
+
+Crash fix (issue 14): tracemalloc is started once, before Ray starts, and never stopped while
+Ray runs. The old benchmark started and stopped it around every hetray fit; on Python < 3.12.9
+/ 3.13.2 ``tracemalloc.stop()`` races with a thread that is waiting for the GIL inside
+tracemalloc's raw-allocation hook (CPython gh-128679): Ray's core-worker thread
+("worker.user_obj") calls into Python for every object that goes out of scope, allocating a
+thread state each time, and then dereferences the traceback buffer stop() has just freed
+(SIGSEGV in ``traceback_new``). tests/selection/test_kmeans_bench_setup.py runs this set-up
+repeatedly in one process.
 
 Results: benchmarks/results/bench_kmeans.{json,md} (``--quick``: bench_kmeans_quick.*).
 """
@@ -43,6 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import write_results  # noqa: E402
 
 D, BLOBS, NOISE, BLOCK, SAMPLE = 384, 64, 0.05, 65_536, 100_000
+BACKENDS = ("numpy", "faiss")
+THREADS = 2  # threads for scikit-learn and faiss: the 2 CPUs hetray's local Ray gets
 
 
 def make_data(n: int, seed: int = 0) -> np.ndarray:
@@ -61,34 +75,32 @@ def make_data(n: int, seed: int = 0) -> np.ndarray:
 def plan(n: int, quick: bool) -> list[dict]:
     """The configurations for one size; every cap is stated in the config itself."""
     if quick:
-        return [
-            {"k": 10, "n_init": 10, "max_iter": 25},
-            {"k": 100, "n_init": 1, "max_iter": 10},
-        ]
+        return [{"k": 10, "n_init": 10, "max_iter": 25}, {"k": 300, "n_init": 1, "max_iter": 10}]
     big = {"k": 1000, "n_init": 1, "max_iter": 10}
     if n > 200_000:  # 1M x k=1000: ~0.8 TFLOP per iteration per library on 2 cores
-        big = {
-            "k": 1000, "n_init": 1, "max_iter": 3, "sklearn_init": "k-means++ on a 100k subsample",
-            "note": "capped at 3 iterations (each ~0.8 TFLOP); scikit-learn's k-means++ on all 1M "
-            "points alone would cost ~7 TFLOP, so it is initialised on a 100k subsample like hetray",
-        }
+        big = {"k": 1000, "n_init": 1, "max_iter": 20, "sklearn": False,
+               "note": "scikit-learn left out: its k-means++ on all 1M points alone is ~7 TFLOP (3 iterations "
+                       "took 446 s in an earlier run); its inertia is compared at 200k, k=1000"}
     return [{"k": 10, "n_init": 10, "max_iter": 25}, big]
 
 
 class Peak:
-    """Peak RSS growth of this process while the block runs (sampled every 20 ms), and with
-    ``trace=True`` the tracemalloc peak of Python/numpy allocations."""
+    """Wall time, peak RSS growth (sampled every 20 ms) and, when tracemalloc is running, the
+    growth of its traced peak while the block runs. tracemalloc is never started or stopped
+    here (see the module docstring): ``reset_peak`` only moves the peak to the current size."""
 
-    def __init__(self, trace: bool = False):
-        self.trace, self.proc = trace, psutil.Process()
+    def __init__(self):
+        self.proc = psutil.Process()
 
     def __enter__(self):
         self.base = self.peak = self.proc.memory_info().rss
+        self.traced0 = None
+        if tracemalloc.is_tracing():
+            tracemalloc.reset_peak()
+            self.traced0 = tracemalloc.get_traced_memory()[0]
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
-        if self.trace:
-            tracemalloc.start()
         self.t0 = time.perf_counter()
         return self
 
@@ -99,9 +111,7 @@ class Peak:
 
     def __exit__(self, *exc):
         self.wall = time.perf_counter() - self.t0
-        self.traced = tracemalloc.get_traced_memory()[1] if self.trace else None
-        if self.trace:
-            tracemalloc.stop()
+        self.traced = tracemalloc.get_traced_memory()[1] - self.traced0 if self.traced0 is not None else None
         self.stop.set()
         self.thread.join()
         self.peak = max(self.peak, self.proc.memory_info().rss)
@@ -126,27 +136,23 @@ def inertia(x: np.ndarray, centroids: np.ndarray) -> float:
     return total
 
 
-def run_hetray(ds, cfg) -> dict:
+def run_hetray(ds, cfg, backend: str) -> dict:
     from hetray.selection.kmeans import fit_kmeans
 
-    with Peak(trace=True) as p:
-        res = fit_kmeans(ds, cfg["k"], n_init=cfg["n_init"], max_iter=cfg["max_iter"], sample_size=SAMPLE, column="data")
-    return {**p.result(), "n_iter": res.n_iter, "centroids": res.centroids}
-
-
-THREADS = 2  # threads for scikit-learn and faiss: the 2 CPUs hetray's local Ray gets
+    with Peak() as p:
+        res = fit_kmeans(ds, cfg["k"], n_init=cfg["n_init"], max_iter=cfg["max_iter"], sample_size=SAMPLE,
+                         column="data", backend=backend)
+    s = res.seconds
+    return {**p.result(), "n_iter": res.n_iter, "passes": res.passes, "sample_s": s["sample"], "init_s": s["init"],
+            "lloyd_s": s["lloyd"], "s_per_pass": round(s["lloyd"] / res.passes, 3), "centroids": res.centroids}
 
 
 def run_sklearn(x, cfg) -> dict:
-    from sklearn.cluster import KMeans, kmeans_plusplus
+    from sklearn.cluster import KMeans
     from threadpoolctl import threadpool_limits
 
     with Peak() as p, threadpool_limits(THREADS):
-        init = "k-means++"
-        if cfg.get("sklearn_init"):
-            sub = x[np.random.default_rng(0).choice(len(x), SAMPLE, replace=False)]
-            init, _ = kmeans_plusplus(sub, cfg["k"], random_state=0)
-        km = KMeans(n_clusters=cfg["k"], n_init=cfg["n_init"], max_iter=cfg["max_iter"], init=init, random_state=0)
+        km = KMeans(n_clusters=cfg["k"], n_init=cfg["n_init"], max_iter=cfg["max_iter"], random_state=0)
         km.fit(x)
     return {**p.result(), "n_iter": int(km.n_iter_), "centroids": km.cluster_centers_}
 
@@ -162,10 +168,40 @@ def run_faiss(x, cfg) -> dict:
             max_points_per_centroid=len(x) // k + 1, verbose=False,
         )
         km.train(x)
-    return {**p.result(), "n_iter": cfg["max_iter"], "centroids": km.centroids}
+    r = p.result()
+    return {**r, "n_iter": cfg["max_iter"], "s_per_iter": round(r["wall_s"] / (cfg["max_iter"] * cfg["n_init"]), 3),
+            "centroids": km.centroids}
 
 
-def bench(n: int, quick: bool) -> list[dict]:
+def start(num_cpus: int = 2) -> None:
+    """The benchmark's process set-up: tracemalloc first (no Ray thread exists yet), then a
+    local Ray whose object store is capped (the machine may be shared), then a warm-up."""
+    import ray
+
+    tracemalloc.start()
+    ray.init(address="local", num_cpus=num_cpus, object_store_memory=3 * 2**30, include_dashboard=False,
+             log_to_driver=False, logging_level=logging.WARNING)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # warm-up, not timed: Ray's workers start and import numpy/faiss before the first timed fit
+    from hetray.selection.kmeans import fit_kmeans
+
+    small = ray.data.from_numpy(np.array_split(make_data(8192, seed=1), 4))
+    for backend in BACKENDS:
+        fit_kmeans(small, 2, n_init=1, max_iter=1, batch_size=2048, column="data", backend=backend)
+
+
+def finish() -> None:
+    """Ray down first (its threads call into Python), then tracemalloc may stop."""
+    import ray
+
+    ray.shutdown()
+    tracemalloc.stop()
+
+
+def bench(n: int, configs: list[dict], backends=BACKENDS) -> list[dict]:
     import ray
 
     t0 = time.perf_counter()
@@ -176,62 +212,91 @@ def bench(n: int, quick: bool) -> list[dict]:
     put_s = time.perf_counter() - t0
     print(f"n={n:,}: generated in {gen_s:.1f}s, put into the object store in {put_s:.1f}s", flush=True)
     rows = []
-    for cfg in plan(n, quick):
+    for cfg in configs:
         row = {"n": n, "d": D, "data_mib": round(x.nbytes / 2**20, 1), **cfg}
-        for name, fn in (("hetray", lambda: run_hetray(ds, cfg)), ("sklearn", lambda: run_sklearn(x, cfg)), ("faiss", lambda: run_faiss(x, cfg))):
+        runs = [(f"hetray_{b}", lambda b=b: run_hetray(ds, cfg, b)) for b in backends]
+        if cfg.get("sklearn", True):
+            runs.append(("sklearn", lambda: run_sklearn(x, cfg)))
+        runs.append(("faiss", lambda: run_faiss(x, cfg)))
+        for name, fn in runs:
             load = os.getloadavg()[0]
             r = fn()
             r["load_avg_1m"] = round(max(load, os.getloadavg()[0]), 1)
             r["inertia"] = inertia(x, r.pop("centroids"))
             row[name] = r
             print(f"  k={cfg['k']} {name}: {json.dumps(r)}", flush=True)
-        h, s, f = row["hetray"], row["sklearn"], row["faiss"]
-        row["inertia_hetray_over_sklearn"] = round(h["inertia"] / s["inertia"], 5)
-        row["inertia_hetray_over_faiss"] = round(h["inertia"] / f["inertia"], 5)
-        row["time_hetray_over_sklearn"] = round(h["wall_s"] / s["wall_s"], 3)
-        row["time_hetray_over_faiss"] = round(h["wall_s"] / f["wall_s"], 3)
+        for b in backends:
+            h = row[f"hetray_{b}"]
+            for ref in ("sklearn", "faiss"):
+                if ref in row:
+                    row[f"time_{b}_over_{ref}"] = round(h["wall_s"] / row[ref]["wall_s"], 3)
+                    row[f"inertia_{b}_over_{ref}"] = round(h["inertia"] / row[ref]["inertia"], 5)
+            row[f"pass_{b}_over_faiss_iter"] = round(h["s_per_pass"] / max(row["faiss"]["s_per_iter"], 1e-9), 3)
         rows.append(row)
     del ds
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
+def _cell(r: dict, key: str, fmt=str) -> str:
+    return fmt(r[key]) if key in r else "-"
+
+
+def markdown(rows: list[dict], backends=BACKENDS) -> str:
     head = (
-        "| n | k | n_init | max_iter | hetray s | sklearn s | faiss s | time hetray/sklearn | time hetray/faiss "
-        "| inertia hetray/sklearn | inertia hetray/faiss | iterations (h/s/f) | hetray driver peak MiB (traced / RSS) "
-        "| sklearn RSS MiB | faiss RSS MiB |\n" + "|---" * 15 + "|\n"
+        "| n | k | n_init | max_iter | run | wall s | time / faiss | time / sklearn | inertia / sklearn | inertia / faiss "
+        "| iterations | passes | sample / init / Lloyd s | s per pass (faiss: per iteration) | pass / faiss iteration "
+        "| driver peak MiB (traced / RSS) | load 1m |\n" + "|---" * 17 + "|\n"
     )
     lines = []
     for r in rows:
-        h, s, f = r["hetray"], r["sklearn"], r["faiss"]
-        lines.append(
-            f"| {r['n']:,} | {r['k']} | {r['n_init']} | {r['max_iter']} | {h['wall_s']} | {s['wall_s']} | {f['wall_s']} "
-            f"| {r['time_hetray_over_sklearn']} | {r['time_hetray_over_faiss']} | {r['inertia_hetray_over_sklearn']} "
-            f"| {r['inertia_hetray_over_faiss']} | {h['n_iter']}/{s['n_iter']}/{f['n_iter']} "
-            f"| {h['traced_peak_mib']} / {h['rss_delta_mib']} | {s['rss_delta_mib']} | {f['rss_delta_mib']} |"
-        )
+        for name in [f"hetray_{b}" for b in backends] + ["sklearn", "faiss"]:
+            if name not in r:
+                continue
+            x = r[name]
+            b = name.removeprefix("hetray_")
+            is_h = name.startswith("hetray_")
+            lines.append(
+                f"| {r['n']:,} | {r['k']} | {r['n_init']} | {r['max_iter']} | {name} | {x['wall_s']} "
+                f"| {_cell(r, f'time_{b}_over_faiss') if is_h else '-'} | {_cell(r, f'time_{b}_over_sklearn') if is_h else '-'} "
+                f"| {_cell(r, f'inertia_{b}_over_sklearn') if is_h else '-'} | {_cell(r, f'inertia_{b}_over_faiss') if is_h else '-'} "
+                f"| {x['n_iter']} | {x.get('passes', '-')} "
+                f"| {str(x['sample_s']) + ' / ' + str(x['init_s']) + ' / ' + str(x['lloyd_s']) if is_h else '-'} "
+                f"| {x.get('s_per_pass', x.get('s_per_iter', '-'))} | {_cell(r, f'pass_{b}_over_faiss_iter') if is_h else '-'} "
+                f"| {x.get('traced_peak_mib', '-')} / {x['rss_delta_mib']} | {x['load_avg_1m']} |"
+            )
     notes = sorted({f"- n={r['n']:,}, k={r['k']}: {r['note']}" for r in rows if r.get("note")})
     return (
         head + "\n".join(lines) + "\n\n"
         f"Data: normalised {D}-d vectors around {BLOBS} random unit centres (noise sd {NOISE} per dimension). "
-        "Same n_init and max_iter for all three in a row; hetray and scikit-learn stop early at tol=1e-4, "
+        "Same n_init and max_iter for every run in a row; hetray and scikit-learn stop early at tol=1e-4, "
         "faiss always runs max_iter iterations and trains on all n points (subsampling off). "
         f"hetray initialises on a {SAMPLE:,}-row sample (k-means++), scikit-learn on all points, faiss at random. "
+        "hetray_numpy / hetray_faiss: `cluster.backend` numpy / faiss (the default `auto` is numpy below k=256, "
+        "faiss from 256 up). hetray's passes = updates + 1 (the last pass measures the final inertia). "
+        "s per pass: one pass over the data; a hetray pass serves every active restart at once, a faiss "
+        "iteration one restart (its s per iteration = wall / (max_iter x n_init)), so pass / faiss iteration "
+        "compares like with like only at n_init=1. "
         "Inertia: exact nearest-centroid search (faiss.IndexFlatL2), float64 sum. "
-        "Driver peak: hetray's tracemalloc peak (Python + numpy allocations) and RSS growth while fitting; "
-        "the others' RSS growth while fitting (the input array is already resident and not counted). "
-        f"scikit-learn and faiss ran with {THREADS} thread(s), hetray on a local Ray with 2 CPUs. "
-        "Load average (1 min) during each fit: " + ", ".join(
-            f"{r['n']:,}/k={r['k']}: {r['hetray']['load_avg_1m']}/{r['sklearn']['load_avg_1m']}/{r['faiss']['load_avg_1m']}"
-            for r in rows
-        ) + " (hetray/sklearn/faiss; above 2 means other processes competed for the 2 cores).\n"
+        "Driver peak: growth of tracemalloc's peak (Python + numpy allocations; tracemalloc runs for the whole "
+        "process) and of the RSS while fitting; the input array is already resident and not counted. "
+        f"scikit-learn and faiss ran with {THREADS} thread(s), hetray on a local Ray with 2 CPUs "
+        "(2 tasks x 1 faiss/BLAS thread). Load 1m: the 1-minute load average during the run "
+        "(above 2 means other processes competed for the 2 cores).\n"
         + ("\n" + "\n".join(notes) + "\n" if notes else "")
     )
 
 
+def threadpools() -> list[dict]:
+    """The BLAS / OpenMP runtimes loaded in this process (threadpoolctl), for the record."""
+    from threadpoolctl import threadpool_info
+
+    return [{"api": i["internal_api"], "prefix": i["prefix"], "file": Path(i["filepath"]).name,
+             "version": i.get("version"), "threads": i["num_threads"]} for i in threadpool_info()]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="a small smoke run (20k and 50k vectors)")
+    p.add_argument("--quick", action="store_true", help="a small smoke run (20k and 50k vectors, k=10 and k=300)")
     p.add_argument("--sizes", type=int, nargs="*", help="numbers of vectors (default 200k and 1M)")
     p.add_argument("--threads", type=int, default=2, help="threads for scikit-learn and faiss (default 2)")
     args = p.parse_args()
@@ -239,20 +304,15 @@ def main() -> None:
     THREADS = args.threads
     sizes = args.sizes or ([20_000, 50_000] if args.quick else [200_000, 1_000_000])
     logging.basicConfig(level=logging.WARNING)
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    start()
     rows = []
     name = "bench_kmeans_quick" if args.quick else "bench_kmeans"
-    meta = {"threads_sklearn_faiss": THREADS, "ray_cpus": 2, "sample_size": SAMPLE}
+    meta = {"threads_sklearn_faiss": THREADS, "ray_cpus": 2, "sample_size": SAMPLE, "python": sys.version.split()[0]}
     for n in sizes:
-        rows.extend(bench(n, args.quick))
-        path = write_results(name, {**meta, "runs": rows}, markdown(rows))  # after every size: partial results survive
-    ray.shutdown()
+        rows.extend(bench(n, plan(n, args.quick)))
+        meta["threadpools"] = threadpools()  # after every size: partial results survive
+        path = write_results(name, {**meta, "runs": rows}, markdown(rows))
+    finish()
     print(markdown(rows))
     print(f"results: {path}")
 

@@ -314,6 +314,10 @@ def _dispatch(args) -> int | None:
             overrides.append(f"select.fraction={args.fraction}")
         cfg = load_config(args.config, overrides)
         init_ray(cfg.ray)
+        from hetray.orchestrate.storage import check_shared_storage
+
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        check_shared_storage(cfg.run_dir)  # nothing on one node; on several, every node must see run_dir
         if args.command == "convert":
             _convert(cfg, args.force)
         elif args.command == "train":

@@ -22,6 +22,8 @@ and runs nothing; ``hetray run`` runs it before its first stage. What is checked
   (local files), or resolved on the hub (``hf:`` paths, ``hetray.eval.hub``; WinoBias ``hub``:
   cached, or its download URL answers).
 * contamination: ``check_no_contamination`` below.
+* shared storage (Ray up with several nodes): every node sees ``run_dir`` and convert's local
+  input files as the driver does (``hetray.orchestrate.storage``); with one node, no check.
 * resources: each Ray stage's workers x CPUs / GPUs against ``ray.cluster_resources()`` when Ray
   is up; else against what a local Ray on this machine would have (no cluster address), or
   skipped (a cluster address set but not joined).
@@ -135,6 +137,7 @@ def preflight(cfg: JobConfig, runs=None, resources: dict | None = None, contamin
             _guard(report, f"eval suite {name}", lambda n=name: _suite(n, cfg, runs, hub))
     if contamination and plan.eval and plan.train:
         _guard(report, "contamination", lambda: _contamination(cfg, runs))
+    _shared_storage(report, cfg, plan)
     _resources(report, cfg, plan, resources)
     log.debug("preflight of %r: %d checks, %d problem(s)", cfg.name, len(report.checks), len(report.problems))
     if raise_on_problems and report.problems:
@@ -537,6 +540,47 @@ def _contamination(cfg: JobConfig, runs) -> str:
     return "no eval suite reads a file the runs train on"
 
 
+# ---------------------------------------------------------------------------- shared storage
+
+
+def _shared_storage(report: PreflightReport, cfg: JobConfig, plan: _Plan) -> None:
+    """On a Ray cluster of several nodes: every node sees run_dir (once it exists: ``--check``
+    creates nothing) and convert's local input files (``storage.check_shared_storage``)."""
+    ray = sys.modules.get("ray")  # not imported: not running in this process
+    if ray is None or not ray.is_initialized() or sum(1 for n in ray.nodes() if n.get("Alive")) < 2:
+        return
+    from hetray.orchestrate.storage import SharedStorageError, check_shared_storage
+
+    files = sorted({f for fs in (_local_inputs(cfg) if plan.convert else {}).values() for f in fs})
+    run_dir = cfg.run_dir if Path(cfg.run_dir).is_dir() else None
+
+    def check() -> str:
+        try:
+            seen = check_shared_storage(run_dir, files)
+        except SharedStorageError as e:
+            raise _Problem(str(e)) from None
+        return seen + ("" if run_dir else f"; run_dir {Path(cfg.run_dir).resolve()} does not exist yet: it is "
+                       "checked when the job starts")
+
+    _guard(report, "shared storage", check)
+
+
+def _local_inputs(cfg: JobConfig) -> dict[int, list[str]]:
+    """{index in convert.sources: its local files} (hub sources and missing files left out)."""
+    from hetray.unify.convert import resolve_files
+
+    out = {}
+    for i, s in enumerate(cfg.convert.sources):
+        paths = [s.path] if isinstance(s.path, str) else list(s.path)
+        if any(is_hub(p) for p in paths):
+            continue
+        try:
+            out[i] = resolve_files(s.path)
+        except ValueError:  # a missing input: its source's check names it, or its stage fails with its own message
+            continue
+    return out
+
+
 # ---------------------------------------------------------------------------- resources
 
 
@@ -610,19 +654,8 @@ def _trained_sources(cfg: JobConfig, runs) -> set[str]:
 
 def training_files(cfg: JobConfig, runs) -> dict[int, list[str]]:
     """{index in convert.sources: its local files} for the sources some run trains on."""
-    from hetray.unify.convert import resolve_files
-
     trained = _trained_sources(cfg, runs)
-    out = {}
-    for i, s in enumerate(cfg.convert.sources):
-        paths = [s.path] if isinstance(s.path, str) else list(s.path)
-        if s.name not in trained or any(is_hub(p) for p in paths):
-            continue
-        try:
-            out[i] = resolve_files(s.path)
-        except ValueError:  # a missing input fails in its stage, with its own message
-            continue
-    return out
+    return {i: files for i, files in _local_inputs(cfg).items() if cfg.convert.sources[i].name in trained}
 
 
 def check_no_contamination(cfg: JobConfig, runs) -> None:

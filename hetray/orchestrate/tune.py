@@ -78,6 +78,9 @@ def run_tune(cfg: JobConfig) -> dict:
     # The trials read the root's data and clusters: no other hetray process may rewrite them
     # meanwhile. The trials' own stages lock their own run dirs, never this one.
     with locked(cfg.run_dir):
+        from hetray.orchestrate.storage import check_shared_storage
+
+        check_shared_storage(cfg.run_dir)  # nothing on one node; on several, every node must see run_dir
         prepare(cfg, plan)
         results = search(cfg, plan)
         return write_outputs(cfg, plan, results, started)

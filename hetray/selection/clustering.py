@@ -6,7 +6,7 @@ writes::
 
     clusters/centroids.npy       (k, d) float32, the best restart's centroids
     clusters/assignments/        ASSIGNMENT_SCHEMA: prompt_id, cluster, squared distance
-    clusters/manifest.json       config, input fingerprint, inertia(s), iterations, sizes, time
+    clusters/manifest.json       config, input fingerprint, inertia(s), iterations, backend, sizes, time
 
 The stage runner (``hetray.stage``) skips it when the settings and the embeddings are
 unchanged, and commits ``clusters/`` only once everything has succeeded.
@@ -68,13 +68,16 @@ def run_cluster(cfg: JobConfig, force: bool = False) -> dict:
         ds.context.enable_progress_bars = False  # a pass over the vectors takes seconds: no bar each
         ds = ds.materialize()
         res = fit_kmeans(ds, c.n_clusters, n_init=c.n_init, max_iter=c.max_iter, tol=c.tol, init=c.init,
-                         sample_size=c.sample_size, batch_size=c.batch_size, seed=cfg.seed)
-        log.info("cluster: inertia %.4f after %d iterations (restart %d)", res.inertia, res.n_iter, res.best_init)
+                         sample_size=c.sample_size, batch_size=c.batch_size, seed=cfg.seed, backend=c.backend)
+        log.info("cluster: inertia %.4f after %d iterations (restart %d, %s backend)", res.inertia, res.n_iter,
+                 res.best_init, res.backend)
         np.save(out / "centroids.npy", res.centroids)
-        assigned = assign(ds, res.centroids, c.batch_size).map_batches(to_assignments, batch_format="pyarrow")
+        assigned = assign(ds, res.centroids, c.batch_size, backend=res.backend)
+        assigned = assigned.map_batches(to_assignments, batch_format="pyarrow")
         assigned.write_parquet(str(out / "assignments"))
         return {"rows": res.n_samples, "dim": int(res.centroids.shape[1]), "inertia": res.inertia,
                 "n_iter": res.n_iter, "best_init": res.best_init, "inertias": res.inertias, "n_iters": res.n_iters,
+                "backend": res.backend, "passes": res.passes, "seconds": res.seconds,
                 "sizes": cluster_sizes(out / "assignments", c.n_clusters)}
 
     return run_stage(stage, work, force=force)

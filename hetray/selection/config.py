@@ -27,6 +27,11 @@ class ClusterConfig(Strict):
     init: Literal["k-means++", "k-means||"] = "k-means++"
     sample_size: int = Field(default=100_000, ge=1, description="points drawn for initialisation")
     batch_size: int = Field(default=65_536, ge=1, description="vectors per partial-sum batch")
+    backend: Literal["auto", "faiss", "numpy"] = Field(
+        default="auto",
+        description="how a batch finds each vector's nearest centroid: faiss (a search per restart), "
+        "numpy (one matmul for all restarts), auto: faiss from 256 clusters up, numpy below (the faster one)",
+    )
 
 
 class SelectConfig(Strict):

@@ -41,18 +41,19 @@ def sklearn_inertia(x, k, n_init=10):
 
 
 @pytest.mark.parametrize(
-    "d,init,source",
-    [(32, "k-means++", "arrow"), (384, "k-means||", "numpy")],
+    "d,init,source,backend",
+    [(32, "k-means++", "arrow", "auto"), (384, "k-means||", "numpy", "auto"), (64, "k-means++", "arrow", "faiss")],
 )
-def test_inertia_within_1_percent_of_sklearn(ray_local, d, init, source):
+def test_inertia_within_1_percent_of_sklearn(ray_local, d, init, source, backend):
     x = blobs(n=3000, d=d, centers=12, std=6.0, seed=d)
     if source == "arrow":  # our embedding schema: fixed-size list column, several blocks
         t = embeddings_table(x)
         ds, column = ray_local.data.from_arrow([t.slice(0, 1000), t.slice(1000)]), "vector"
     else:  # Ray's tensor column
         ds, column = ray_local.data.from_numpy(x), "data"
-    res = fit_kmeans(ds, 10, n_init=10, init=init, batch_size=700, column=column)
+    res = fit_kmeans(ds, 10, n_init=10, init=init, batch_size=700, column=column, backend=backend)
     ref = sklearn_inertia(x, 10)
+    assert res.backend == ("numpy" if backend == "auto" else backend)  # auto: numpy below k=256
     assert res.centroids.shape == (10, d) and res.centroids.dtype == np.float32
     assert len(res.inertias) == 10 and res.inertia == min(res.inertias)
     assert abs(res.inertia - kmeans_inertia(x, res.centroids)) <= 1e-4 * res.inertia
@@ -118,16 +119,16 @@ def test_partial_results_are_o_k_d_not_o_n():
     k, d, R = 6, 24, 3
     cents = np.random.default_rng(0).normal(size=(R, k, d)).astype(np.float32)
     sizes = []
-    for n in (100, 5000):
-        out = lloyd_batch(embeddings_table(blobs(n=n, d=d)), cents, "vector", n_far=4)
+    for n, backend in ((100, "numpy"), (5000, "numpy"), (100, "faiss"), (5000, "faiss")):
+        out = lloyd_batch(embeddings_table(blobs(n=n, d=d)), cents, "vector", n_far=4, backend=backend)
         assert out["sums"].shape == (1, R, k, d) and out["sums"].dtype == np.float64
         assert out["counts"].shape == (1, R, k) and out["counts"].sum() == R * n
         assert out["inertia"].shape == (1, R) and out["far_x"].shape == (1, R, 4, d)
         sizes.append(sum(a.nbytes for a in out.values()))
-    assert sizes[0] == sizes[1]
+    assert len(set(sizes)) == 1
     # the sample pass sends at most `limit` vectors, however large the block
     t = embeddings_table(blobs(n=5000, d=d))
-    s = sample_batch(t, "vector", b"0", threshold=2**64 - 1, limit=50)
+    s = sample_batch(t, "vector", 0, threshold=2**64 - 1, limit=50)
     assert s["vectors"].shape == (1, 50, d) and int(s["n"][0]) == 5000
 
 
@@ -189,6 +190,7 @@ def test_run_cluster_writes_outputs_and_skips_rerun(tmp_path, ray_local, monkeyp
     stored = json.loads((out / "manifest.json").read_text())
     assert stored["key"] == m["key"] and stored["rows"] == 1000 and sum(stored["sizes"]) == 1000
     assert len(stored["inertias"]) == 3 and stored["config"]["cluster"]["n_clusters"] == 4
+    assert stored["config"]["cluster"]["backend"] == "auto" and stored["backend"] == "numpy"  # k=4 < 256
     assert stored["inertia"] == pytest.approx(kmeans_inertia(x, cents), rel=1e-4)
     assert stored["inputs"][0] == fingerprint(tmp_path / "embeddings", tmp_path)
     assert stored["inputs"][0]["folder"] == "embeddings"  # no manifest there: its files, by name and content
