@@ -42,7 +42,9 @@ def init_ray(ray_cfg) -> None:
             kwargs["num_cpus"] = ray_cfg.num_cpus
         if ray_cfg.object_store_memory:
             kwargs["object_store_memory"] = ray_cfg.object_store_memory
-        context = ray.init(**kwargs)
+        # "local": a new Ray even when a `ray start` cluster runs on this machine (ray.init()
+        # alone would join it, and refuse the CPUs set here); join one with ray.address: auto
+        context = ray.init(address="local", **kwargs)
         what = "started a local Ray"
     console.route_worker_output()
     console.quiet_ray_data()

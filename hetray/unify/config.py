@@ -18,7 +18,10 @@ SourceConfig = Annotated[
 
 class ConvertConfig(Strict):
     sources: list[SourceConfig] = Field(min_length=1, description="the datasets to unify")
-    batch_size: int = Field(default=2048, ge=1, description="records per Ray Data batch")
+    batch_size: int | None = Field(
+        default=None, ge=1,
+        description="records per Ray Data batch (None: one batch per read block, about 4 MiB of a line file)",
+    )
     shuffle_partitions: int | None = Field(
         default=None, ge=1,
         description="partitions of the group-by shuffle (None: 2 per CPU, 1 per 128 MiB of input, "

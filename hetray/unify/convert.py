@@ -11,15 +11,17 @@ writes into ``cfg.run_dir``::
 ``datasets.load_dataset("<run>/preferences")`` reads them; an empty folder holds one Parquet
 file of its schema without rows.
 
-Per source the pipeline is ``read -> parse (map_batches) -> [groupby(group) -> combine] ->
-write``. The shuffle only runs for adapters whose groups span input records (flat OASST
-messages, WinoBias pro/anti files, WinoGrande rows grouped by qID to find duplicates); it is
-Ray's external shuffle, so replies of one prompt may sit in different files and memory stays
-bounded. The writer splits each block by kind into the three folders and returns counts (an
-empty shuffle partition is an empty block without columns: skipped). Label names that the
-adapters' items carry (``base.LABEL_NAMES``) are tallied per batch into one ``kind="labels"``
-row (never written); after the pass each adapter's ``check_counts`` can refuse what the counts
-show, e.g. an OASST label that no message has.
+Per source the pipeline is ``read -> parse (map_batches) -> [groupby(bucket) -> combine] ->
+write`` (``hetray.unify.dataflow``): rows that are independent are converted a batch at a time
+with Arrow, and the shuffle only runs where records must meet (flat OASST messages of a tree,
+WinoBias pro/anti files, WinoGender pairs, generic scored responses); WinoGrande's duplicate
+qIDs are found by a narrow pass over (qID, file, line) only. It is Ray's shuffle, so replies of
+one prompt may sit in different files and memory stays bounded. The writer splits each block
+by kind into the three folders and returns counts (an empty shuffle partition is an empty block
+without columns: skipped). Label names that the adapters' items carry (``base.LABEL_NAMES``)
+are tallied per batch into one ``kind="labels"`` row (never written); after the pass each
+adapter's ``check_counts`` can refuse what the counts show, e.g. an OASST label that no message
+has.
 
 Nothing is dropped silently, and that is checked, not assumed: while Ray converts, the driver
 counts each file's input records apart from the conversion (``readers.count_records``: lines,
@@ -38,14 +40,12 @@ import functools
 import json
 import logging
 import os
-import pickle
 import uuid
-import zlib
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data.datasource import Datasink
 
@@ -54,9 +54,6 @@ from hetray.datacard import write_convert_cards, write_empty
 from hetray.formats import hub_spec, is_hub
 from hetray.models import resolve_sample
 from hetray.schema import (
-    FLOW_SCHEMA,
-    ITEM,
-    OUTPUT_SCHEMA,
     PAIR,
     PREFERENCE_SCHEMA,
     REJECT,
@@ -66,14 +63,13 @@ from hetray.schema import (
     split_output,
 )
 from hetray.stage import Stage, require_ray, run_stage
+from hetray.unify.dataflow import LABELS, build_dataset, find_duplicates, hub_error
 from hetray.unify.sources import adapter_for
-from hetray.unify.sources.base import tally_label_names
 from hetray.unify.sources.readers import (
     InputError,
     count_records,
     expand_paths,
     is_csv,
-    make_datasource,
     peek_record,
     table_columns,
 )
@@ -81,67 +77,6 @@ from hetray.unify.sources.readers import (
 log = logging.getLogger(__name__)
 
 OUTPUTS = {"preferences": PREFERENCE_SCHEMA, "sft_only": SFT_SCHEMA, "rejects": REJECT_SCHEMA}
-# kind of the rows that carry a batch's label tally (``detail``: JSON {name: n}) to the sink;
-# ``split_output`` writes them nowhere.
-LABELS = "labels"
-
-
-# ---------------------------------------------------------------------------- pure batch logic
-
-
-def _combine_local(adapter, s, records: list[dict]) -> list[dict]:
-    """Outputs of ``records``; items are grouped within this list (no shuffle needed)."""
-    out, groups = [], defaultdict(list)
-    for rec in records:
-        (groups[rec["group"]] if rec["kind"] == ITEM else out).append(rec)
-    for key in sorted(groups):
-        out.extend(adapter.combine(groups[key], s))
-    return out
-
-
-def parse_batch(batch: pa.Table, adapter, s, shuffle: bool, index: int = 0, n_buckets: int = 1) -> pa.Table:
-    """RAW_SCHEMA batch -> OUTPUT_SCHEMA (no shuffle) or FLOW_SCHEMA + ``bucket`` (items await
-    the shuffle).
-
-    Group keys are prefixed with the source's ``index`` so that every source that needs a
-    shuffle shares one group-by (one shuffle for the stage, not one per source). The shuffle
-    groups by ``bucket`` (a hash of the group key), not by the group itself: a bucket holds
-    many groups, so the per-call overhead of ``map_groups`` is paid per thousand records, not
-    per OASST tree.
-    """
-    records = [rec for row in batch.to_pylist() for rec in adapter.parse(row, s)]
-    tally = tally_label_names(records)
-    if tally:
-        records.append({"kind": LABELS, "source": s.name, "detail": json.dumps(tally, sort_keys=True)})
-    if not shuffle:
-        return pa.Table.from_pylist(_combine_local(adapter, s, records), schema=OUTPUT_SCHEMA)
-    buckets = []
-    for rec in records:
-        if rec["kind"] == ITEM:
-            rec["data"] = pickle.dumps(rec["data"], protocol=pickle.HIGHEST_PROTOCOL)
-            key = rec["group"]
-        else:  # already final (a reject): travels through the shuffle, combine passes it on
-            key = rec.get("record_id") or ""
-        rec["group"] = f"{index}\x1f{key}"
-        buckets.append(zlib.crc32(rec["group"].encode("utf-8", "surrogatepass")) % n_buckets)
-    table = pa.Table.from_pylist(records, schema=FLOW_SCHEMA)
-    return table.append_column("bucket", pa.array(buckets, pa.int32()))
-
-
-def combine_bucket(bucket: pa.Table, plans: dict) -> pa.Table:
-    """All FLOW rows of one bucket -> OUTPUT_SCHEMA rows, each group combined by its source's
-    adapter. ``plans``: source index -> (adapter, settings)."""
-    by_source = defaultdict(list)
-    for rec in bucket.drop_columns(["bucket"]).to_pylist():
-        index, rec["group"] = rec["group"].split("\x1f", 1)
-        if rec["kind"] == ITEM:
-            rec["data"] = pickle.loads(rec["data"])
-        by_source[int(index)].append(rec)
-    out = []
-    for index in sorted(by_source):
-        adapter, s = plans[index]
-        out.extend(_combine_local(adapter, s, by_source[index]))
-    return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
 
 
 # ---------------------------------------------------------------------------- writing
@@ -186,17 +121,23 @@ class SplitParquetSink(Datasink):
 
 
 def _tally(table: pa.Table, counts: dict) -> None:
-    for row in table.select(["kind", "source", "reason", "provenance", "detail"]).to_pylist():
+    """Add a block's counts per source: rows by kind and reason, records used (provenance
+    lengths), and the label tallies of its ``labels`` rows."""
+    t = table.select(["kind", "source", "reason"]).append_column(
+        "used", pc.fill_null(pc.list_value_length(table["provenance"]), 0))
+    for row in t.group_by(["source", "kind", "reason"]).aggregate([([], "count_all"), ("used", "sum")]).to_pylist():
         c = counts.setdefault(row["source"], _empty_counts())
-        if row["kind"] == LABELS:
-            for name, n in json.loads(row["detail"]).items():
-                c["labels"][name] = c["labels"].get(name, 0) + n
-        elif row["kind"] == REJECT:
-            c["rejected"] += 1
-            c["reasons"][row["reason"]] = c["reasons"].get(row["reason"], 0) + 1
-        else:
-            c["pairs" if row["kind"] == PAIR else "sft"] += 1
-            c["used"] += len(row["provenance"])
+        if row["kind"] == REJECT:
+            c["rejected"] += row["count_all"]
+            c["reasons"][row["reason"]] = c["reasons"].get(row["reason"], 0) + row["count_all"]
+        elif row["kind"] in (PAIR, SFT):
+            c["pairs" if row["kind"] == PAIR else "sft"] += row["count_all"]
+            c["used"] += row["used_sum"]
+    labels = table.filter(pc.equal(table["kind"], LABELS))
+    for row in labels.select(["source", "detail"]).to_pylist():
+        c = counts.setdefault(row["source"], _empty_counts())
+        for name, n in json.loads(row["detail"]).items():
+            c["labels"][name] = c["labels"].get(name, 0) + n
 
 
 def _empty_counts() -> dict:
@@ -222,14 +163,6 @@ def resolve_files(path: str | list[str]) -> list[str]:
     return expand_paths([resolve_sample(p) for p in paths])
 
 
-def _hub_error(name: str, split: str, cause: Exception) -> InputError:
-    return InputError(
-        f"could not load the Hugging Face dataset {name!r} (split {split!r}): the hub is "
-        f"not reachable from here or the dataset does not exist. Download it and give a local "
-        f"path instead. Cause: {type(cause).__name__}: {cause}"
-    )
-
-
 def _check_hub(spec: str) -> None:
     """Fail before any work when a hub dataset cannot be reached (e.g. offline)."""
     name, split, config = hub_spec(spec)
@@ -238,35 +171,7 @@ def _check_hub(spec: str) -> None:
 
         datasets.load_dataset_builder(name, config)
     except Exception as e:  # noqa: BLE001 - any hub failure gets the same clear message
-        raise _hub_error(name, split, e) from None
-
-
-def _hub_dataset(spec: str, limit: int | None):
-    """``hf:ORG/NAME[:SPLIT[:CONFIG]]`` -> a Ray Dataset of RAW rows (needs network)."""
-    import ray
-
-    name, split, config = hub_spec(spec)
-    try:
-        import datasets
-
-        hf = datasets.load_dataset(name, config, split=split, streaming=False)
-    except Exception as e:  # noqa: BLE001
-        raise _hub_error(name, split, e) from None
-    if limit:
-        hf = hf.select(range(min(limit, len(hf))))
-    if os.path.exists(name):
-        # a local dataset folder: from_huggingface would still ask the hub for parquet URLs
-        # (and fail offline), so hand Ray the memory-mapped Arrow table instead.
-        ds = ray.data.from_arrow(hf.data.table)
-    else:
-        ds = ray.data.from_huggingface(hf)
-
-    def to_raw(batch: pa.Table) -> pa.Table:
-        from hetray.unify.sources.readers import _table_batch
-
-        return _table_batch(spec, 1, batch)  # every chunk of the batch, not only the first
-
-    return ds.map_batches(to_raw, batch_format="pyarrow", batch_size=None)
+        raise hub_error(name, split, e) from None
 
 
 def plan_source(s) -> tuple[object, list[str], object]:
@@ -307,59 +212,6 @@ def plan_source(s) -> tuple[object, list[str], object]:
     return adapter, files, s
 
 
-def shuffle_partitions(files: list[str], configured: int | None, n_buckets: int) -> int:
-    """Partitions for the group-by: enough to spread work and keep each one small, and no more
-    than there are buckets (a partition beyond that could only ever be empty). Some partitions
-    may still be empty (buckets hash unevenly); the sink skips empty blocks."""
-    import ray
-
-    if configured:
-        return configured
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    size = sum(os.path.getsize(f) for f in files)
-    return int(min(200, n_buckets, max(2 * cpus, size // (128 << 20))))
-
-
-def n_shuffle_buckets(files: list[str]) -> int:
-    """About one bucket per MiB of input (a few thousand records), at least 16."""
-    size = sum(os.path.getsize(f) for f in files)
-    return int(max(16, size >> 20))
-
-
-def build_dataset(planned: list, batch_size: int, partitions: int | None = None):
-    """The whole stage as one lazy Dataset: per-source reads and parses, one shared group-by
-    for the sources that need it, and the union of everything."""
-    import ray
-
-    direct, grouped, plans = [], [], {}
-    shuffled_files = [f for adapter, files, s in planned if adapter.needs_shuffle(s) for f in files]
-    n_buckets = n_shuffle_buckets(shuffled_files)
-    for index, (adapter, files, s) in enumerate(planned):
-        spec = s.path if isinstance(s.path, str) else s.path[0]
-        raw = ray.data.read_datasource(make_datasource(files, s.limit)) if files else _hub_dataset(spec, s.limit)
-        shuffle = adapter.needs_shuffle(s)
-        parsed = raw.map_batches(
-            parse_batch,
-            fn_kwargs={"adapter": adapter, "s": s, "shuffle": shuffle, "index": index, "n_buckets": n_buckets},
-            batch_format="pyarrow",
-            batch_size=batch_size,
-        )
-        if shuffle:
-            grouped.append(parsed)
-            plans[index] = (adapter, s)
-        else:
-            direct.append(parsed)
-    if grouped:
-        flow = grouped[0].union(*grouped[1:]) if len(grouped) > 1 else grouped[0]
-        n = shuffle_partitions(shuffled_files, partitions, n_buckets)
-        direct.append(
-            flow.groupby("bucket", num_partitions=n).map_groups(
-                combine_bucket, fn_kwargs={"plans": plans}, batch_format="pyarrow"
-            )
-        )
-    return direct[0].union(*direct[1:]) if len(direct) > 1 else direct[0]
-
-
 def check_counts(planned: list, counts: dict) -> None:
     """Each adapter's ``check_counts`` on its source's counts; one InputError naming every
     source that fails (e.g. a label that occurs on none of its messages)."""
@@ -384,7 +236,8 @@ def count_input(adapter, files: list[str], s) -> dict[str, int]:
     """{file: input records}, read apart from the conversion (``readers.count_records``, with
     the adapter's ``count_records`` when one record can hold several, e.g. an OASST tree line)."""
     units = getattr(adapter, "count_records", None)
-    units = functools.partial(units, s=s) if units else None
+    lines_only = getattr(adapter, "one_record_per_line", lambda s: False)(s)
+    units = functools.partial(units, s=s) if units and not lines_only else None
     if files:
         return {f: count_records(f, s.limit, units) for f in files}
     spec = s.path if isinstance(s.path, str) else s.path[0]
@@ -438,7 +291,8 @@ def run_convert(cfg: JobConfig, force: bool = False) -> dict:
 
     def work(tmp: Path) -> dict:
         require_ray("convert")
-        ds = build_dataset(planned, cfg.convert.batch_size, cfg.convert.shuffle_partitions)
+        duplicates = find_duplicates(planned, cfg.convert.batch_size, cfg.convert.shuffle_partitions)
+        ds = build_dataset(planned, cfg.convert.batch_size, cfg.convert.shuffle_partitions, duplicates)
         if cfg.convert.num_output_files:
             ds = ds.repartition(cfg.convert.num_output_files)
         sink = SplitParquetSink(str(tmp))

@@ -10,6 +10,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from hetray.schema import parquet_files
@@ -29,13 +31,12 @@ def pair_stats(path) -> dict:
     n: dict = defaultdict(int)
     qualities: dict = defaultdict(list)
     for batch in _scan(path, ["source", "quality"]):
-        src = batch.column("source").to_numpy(zero_copy_only=False)
-        q = batch.column("quality").to_numpy(zero_copy_only=False).astype(float)
-        for s in np.unique(src):
-            mask = src == s
-            n[s] += int(mask.sum())
-            vals = q[mask]
-            qualities[s].append(vals[~np.isnan(vals)])
+        src = batch.column("source")
+        for s in pc.unique(src).to_pylist():
+            part = batch.filter(pc.equal(src, s))
+            n[s] += part.num_rows
+            q = part.column("quality").drop_null().to_numpy(zero_copy_only=False).astype(float)
+            qualities[s].append(q[~np.isnan(q)])
     out = {}
     for s in sorted(n):
         vals = np.concatenate(qualities[s]) if qualities[s] else np.array([])
@@ -59,10 +60,12 @@ def describe(vals: np.ndarray) -> dict | None:
 
 
 def count_by(path, columns: list[str]) -> dict:
+    """{(value, ...): rows} over ``columns`` (counted by Arrow, batch by batch)."""
     out: dict = defaultdict(int)
     for batch in _scan(path, columns):
-        for row in zip(*(batch.column(c).to_pylist() for c in columns)):
-            out[row] += 1
+        counts = pa.Table.from_batches([batch]).group_by(columns).aggregate([([], "count_all")])
+        for row in counts.to_pylist():
+            out[tuple(row[c] for c in columns)] += row["count_all"]
     return dict(out)
 
 

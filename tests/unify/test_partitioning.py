@@ -1,7 +1,8 @@
 """Convert is right for any partitioning of its shuffle.
 
-The sources that need the shuffle (flat OASST messages, WinoBias, WinoGender, generic
-``scored``, WinoGrande by qID) are converted alone and mixed on a local Ray with 16 CPUs (32
+The sources that need the shuffle (flat OASST messages through the typed Arrow shuffle; WinoBias,
+WinoGender, generic ``scored`` through the per-record one) and WinoGrande (its qIDs found by a
+narrow pass) are converted alone and mixed on a local Ray with 16 CPUs (32
 default partitions, capped at the 16 buckets: small inputs leave many partitions empty, which
 once failed the sink with ``KeyError: 'Field "kind" does not exist in schema'``) and with 2 CPUs
 (also with 64 configured partitions). Each Ray runs in its own subprocess, so the session's

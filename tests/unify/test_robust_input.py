@@ -215,7 +215,12 @@ def test_bom_only_first_line_counts_as_blank(tmp_path):
 # ---------------------------------------------------------------------------- duplicates and empties
 
 
-def test_duplicate_winogrande_qids_are_rejects_naming_the_qid(tmp_path, ray_local):
+@pytest.mark.parametrize("pass_on", ["driver", "ray"])
+def test_duplicate_winogrande_qids_are_rejects_naming_the_qid(tmp_path, ray_local, monkeypatch, pass_on):
+    """Found by the narrow pass over (qID, file, line): on the driver for a small input, else a
+    Ray group-by of those three columns."""
+    if pass_on == "ray":
+        monkeypatch.setattr("hetray.unify.dataflow.LOCAL_KEY_PASS_BYTES", 0)
     lines = WG.read_bytes().splitlines()
     (tmp_path / "a.jsonl").write_bytes(b"\n".join(lines[:4]) + b"\n")
     (tmp_path / "b.jsonl").write_bytes(b"\n".join([lines[0], lines[2], lines[2]]) + b"\n")  # fx-1 once, fx-3 twice
@@ -234,7 +239,7 @@ def test_duplicate_winogrande_qids_are_rejects_naming_the_qid(tmp_path, ray_loca
     ]
     c = m["counts"]["wg"]
     assert (c["pairs"], c["used"], c["rejected"], c["input"]) == (4, 4, 3, 7)
-    assert winogrande.needs_shuffle(None)
+    assert not winogrande.needs_shuffle(None)  # found by the narrow pass over qIDs: rows are not shuffled
 
 
 def test_duplicate_source_names_are_a_config_error(tmp_path):

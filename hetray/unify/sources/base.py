@@ -15,8 +15,7 @@ An adapter is one module in ``hetray.unify.sources`` with:
     record must end in exactly one output: in the provenance of a pair / SFT row, or a reject.
 ``needs_shuffle(s) -> bool``
     True when the items of one group can come from different input records (flat OASST
-    messages, WinoBias pro/anti files, WinoGrande rows of one qID): the stage then groups them
-    with a Ray Data shuffle.
+    messages, WinoBias pro/anti files): the stage then groups them with a Ray Data shuffle.
     False when a group never spans input records (an OASST tree per line): grouped per batch.
 ``check_counts(s, counts)`` (optional)
     after the stage's single pass, the source's counts (``pairs``, ``used``, ``rejected``,
@@ -30,8 +29,23 @@ An adapter is one module in ``hetray.unify.sources`` with:
     apart from ``parse``/``combine``, and fails unless ``input == used + rejected`` (an OASST tree
     line holds one record per message).
 
+The Arrow paths (optional; the stage takes them when they are there, ``hetray.unify.dataflow``):
+
+``parse_table(raw, s) -> pa.Table``
+    ``parse`` (and ``combine``) of a whole RAW batch as OUTPUT_SCHEMA rows in input order, for a
+    source without a shuffle; built with ``sources.vector``, which sends every row that is not
+    a plain record through ``parse``, so outputs and rejects are the same as per record.
+``unique_keys(raw, s)``, ``find_duplicates(keys)``, ``DUPLICATES_SCHEMA`` (WinoGrande)
+    rows whose ``record_id`` must be unique in the whole source: the stage finds the repeated
+    ones with a narrow shuffle of ``(record_id, file, line)`` and passes them to
+    ``parse_table(raw, s, duplicates)``.
+``flow_table(raw, s)``, ``combine_table(rows, settings)`` (flat OASST messages)
+    a typed ``parse`` whose rows the stage shuffles by group, and ``combine`` of every group of
+    a shuffle bucket.
+
 The functions are pure: no Ray, no I/O. ``convert_rows`` below runs an adapter over plain
-rows exactly as the Ray stage does, for tests and for small inputs.
+rows (``parse`` and ``combine`` per group): the reference the Ray stage must agree with, for
+tests and for small inputs.
 """
 
 from __future__ import annotations

@@ -26,9 +26,13 @@ import json
 import math
 from typing import Literal
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
-from hetray.schema import item, make_id, pair, reject, sft_row
+from hetray.schema import PAIR, SFT, item, make_id, pair, reject, sft_row
+from hetray.unify.sources import vector
 from hetray.unify.sources import readers
 from hetray.settings import Strict
 from hetray.unify.sources.base import SourceSettings, decode_json, require_str
@@ -156,6 +160,40 @@ def parse(row: dict, s: Settings) -> list[dict]:
     if bad:
         return [bad]
     return [pair(s.name, prompt, chosen, rejected, [rid], quality=abs(margin), label=c.margin)]
+
+
+def parse_table(raw: pa.Table, s: Settings) -> pa.Table:
+    """``parse`` of a whole RAW batch of the ``pairwise`` or ``sft`` shape (OUTPUT_SCHEMA rows in
+    input order): Arrow reads and checks the columns; other rows go through ``parse``."""
+    c = s.columns
+    names = [c.prompt, c.chosen, c.rejected] if s.shape == "pairwise" else [c.prompt, c.response]
+    margin = c.margin if s.shape == "pairwise" else None
+    columns = names + ([margin] if margin else [])
+    if len(set(columns)) < len(columns):  # one column mapped twice: the per-row path only
+        return vector.with_slow_rows(raw, vector.output_table(0, {}), np.zeros(0, np.int64), lambda r: parse(r, s))
+    fields = [pa.field(n, pa.string()) for n in names] + ([pa.field(margin, pa.float64())] if margin else [])
+    obj, rows = vector.read_json_rows(raw, pa.schema(fields))
+    ok = np.ones(len(rows), dtype=bool)
+    for name in names:
+        ok &= vector.nonempty(obj[name])
+    if s.shape == "pairwise":
+        ok &= ~vector.as_numpy(pc.equal(vector.strip(obj[c.chosen]), vector.strip(obj[c.rejected])))
+    if margin:
+        ok &= vector.as_numpy(pc.is_valid(obj[margin]))
+    keep = pa.array(ok)
+    fast_rows = rows[ok]
+    rid = vector.record_ids(raw["file"].take(fast_rows), raw["line"].take(fast_rows))
+    columns = {
+        "source": s.name, "pair_id": pa.array(vector.make_ids(s.name, rid), pa.string()),
+        "prompt": obj[c.prompt].filter(keep), "provenance": vector.single_lists(rid),
+    }
+    if s.shape == "sft":
+        columns.update(kind=SFT, response=obj[c.response].filter(keep))
+    else:
+        columns.update(kind=PAIR, chosen=obj[c.chosen].filter(keep), rejected=obj[c.rejected].filter(keep))
+        if margin:
+            columns.update(quality=pc.abs(obj[margin].filter(keep)), label=margin)
+    return vector.with_slow_rows(raw, vector.output_table(len(fast_rows), columns), fast_rows, lambda r: parse(r, s))
 
 
 def combine(items: list[dict], s: Settings) -> list[dict]:

@@ -16,7 +16,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from hetray.schema import pair, reject
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from hetray.schema import PAIR, pair, reject
+from hetray.unify.sources import vector
 from hetray.unify.sources.base import SourceSettings, decode_json, require_str
 
 ASSISTANT = "\n\nAssistant:"
@@ -61,6 +66,37 @@ def parse(row: dict, s: Settings) -> list[dict]:
     if chosen == rejected:
         return no("identical_responses", f"fields 'chosen' and 'rejected' end in the same reply: {chosen!r}")
     return [pair(s.name, prompt, chosen, rejected, [rid])]
+
+
+_FIELDS = pa.schema([("chosen", pa.string()), ("rejected", pa.string())])
+
+
+def parse_table(raw: pa.Table, s: Settings) -> pa.Table:
+    """``parse`` of a whole RAW batch (OUTPUT_SCHEMA rows in input order): Arrow splits the
+    transcripts and checks them; rows that are not plain pairs go through ``parse``."""
+    obj, rows = vector.read_json_rows(raw, _FIELDS)
+    ok = np.ones(len(rows), dtype=bool)
+    split = {}
+    for field in ("chosen", "rejected"):
+        has_turn = pc.match_substring(obj[field], ASSISTANT)
+        ok &= vector.nonempty(obj[field]) & vector.as_numpy(has_turn)
+        # split after the last turn (a row without one is split as a dummy and not kept)
+        parts = pc.split_pattern(pc.if_else(has_turn, obj[field], ASSISTANT), ASSISTANT, max_splits=1, reverse=True)
+        split[field] = (pc.list_element(parts, 0), vector.strip(pc.list_element(parts, 1)))
+    (prefix, chosen), (other, rejected) = split["chosen"], split["rejected"]
+    ok &= vector.as_numpy(pc.equal(prefix, other)) & vector.nonempty(chosen) & vector.nonempty(rejected)
+    ok &= ~vector.as_numpy(pc.equal(chosen, rejected))
+    keep = pa.array(ok)
+    fast_rows = rows[ok]
+    rid = vector.record_ids(raw["file"].take(fast_rows), raw["line"].take(fast_rows))
+    fast = vector.output_table(len(fast_rows), {
+        "kind": PAIR, "source": s.name,
+        "pair_id": pa.array(vector.make_ids(s.name, rid), pa.string()),
+        "prompt": pc.binary_join_element_wise(prefix.filter(keep), ASSISTANT, ""),
+        "chosen": chosen.filter(keep), "rejected": rejected.filter(keep),
+        "provenance": vector.single_lists(rid),
+    })
+    return vector.with_slow_rows(raw, fast, fast_rows, lambda row: parse(row, s))
 
 
 def combine(items: list[dict], s: Settings) -> list[dict]:  # pragma: no cover - never grouped

@@ -503,3 +503,23 @@ def check_counts(s: Settings, counts: dict) -> None:
         f"source {s.name!r}: label {s.label!r} occurs in none of the {n:,} messages of {where}; "
         f"labels present: {names}"
     )
+
+
+def one_record_per_line(s: Settings) -> bool:
+    """Flat messages: a line is one record, so the stage counts lines without parsing them."""
+    return s.shape == "messages"
+
+
+# The Arrow path (``oasst_table``) that the stage takes for sources that need the shuffle.
+
+
+def flow_table(raw, s: Settings):
+    from hetray.unify.sources.oasst_table import flow_table
+
+    return flow_table(raw, s)
+
+
+def combine_table(rows, settings: dict):
+    from hetray.unify.sources.oasst_table import combine_table
+
+    return combine_table(rows, settings)

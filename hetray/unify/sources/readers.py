@@ -15,9 +15,12 @@
   UTF-8 or names a column twice.
 * A UTF-8 byte order mark at the start of any text file is dropped.
 
-Files are read as a stream of small batches: memory does not depend on the file size.
-``iter_records`` is the plain-Python reader; ``RecordDatasource`` the Ray Data one; both use
-the same batch functions, so they agree record for record.
+Files are read as a stream of small batches: memory does not depend on the file size. A line
+file is read in pieces of about 4 MiB that Arrow splits into lines, numbers and checks at once
+(``_split_lines``); a piece that is not all UTF-8 is split line by line in Python. The count
+that checks the stage (``count_records``) counts newlines and blank lines with the regex engine,
+apart from that reader. ``iter_records`` is the plain-Python reader; ``RecordDatasource`` the
+Ray Data one; both use the same batch functions, so they agree record for record.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ import re
 import sys
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from hetray.formats import BOM
 from hetray.schema import RAW_SCHEMA
@@ -102,41 +107,78 @@ def _raw(file: str, numbers: list[int], texts: list, errors: list) -> pa.Table:
     )
 
 
-def _lines(f, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-    # pyarrow's NativeFile (what Ray hands a datasource) cannot iterate lines; read chunks.
-    rest = b""
+def _split_lines(data: bytes, end: int, file: str, first: int) -> pa.Table:
+    """The non-blank lines of ``data[:end]`` (whole lines joined by ``\\n``, the first one
+    numbered ``first``) as a RAW batch, split and checked by Arrow without copying ``data``.
+    Falls back to the per-line reader when the piece is not all UTF-8 (the bad lines become
+    ``invalid_utf8`` records)."""
+    offsets = pa.py_buffer(np.array([0, end], dtype=np.int64))
+    piece = pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(data)])
+    try:
+        text = piece.cast(pa.large_string())  # validates UTF-8
+    except pa.ArrowInvalid:
+        numbers, raws = [], []
+        for n, raw in enumerate(data[:end].split(b"\n"), start=first):
+            raw = raw.rstrip(b"\r")
+            if raw.strip():
+                numbers.append(n)
+                raws.append(raw)
+        return _line_batch(file, numbers, raws)
+    lines = pc.utf8_rtrim(pc.split_pattern(text, "\n").flatten(), "\r")
+    keep = pc.invert(pc.match_substring_regex(lines, _BLANK))  # bytes.strip() whitespace only
+    numbers = np.flatnonzero(keep.to_numpy(zero_copy_only=False)) + first
+    texts = lines.filter(keep).cast(pa.string())
+    return pa.Table.from_arrays(
+        [pa.repeat(pa.scalar(file, pa.string()), len(texts)), pa.array(numbers, pa.int64()), texts,
+         pa.nulls(len(texts), pa.string())],
+        schema=RAW_SCHEMA,
+    )
+
+
+_BLANK = r"^[ \t\r\x0b\x0c]*$"
+CHUNK_BYTES = 4 << 20  # a line file is read, split and yielded in blocks of about this size
+
+
+def _chunks(f, chunk_size: int) -> Iterator[tuple[bytes, int]]:
+    """The file as pieces ``data[:end]`` of whole lines, each without its last ``\\n`` (the
+    file's last line need not have one); a UTF-8 byte order mark at the very start is dropped."""
+    rest, first = b"", True
     while True:
         chunk = f.read(chunk_size)
+        data = rest + chunk if rest else chunk
+        if first and (len(data) >= len(BOM) or not chunk):
+            data, first = data.removeprefix(BOM), False
         if not chunk:
-            break
-        parts = (rest + chunk).split(b"\n")
-        rest = parts.pop()
-        yield from parts
-    if rest:
-        yield rest
-
-
-def iter_line_batches(f, file: str, limit: int | None = None) -> Iterator[pa.Table]:
-    """Binary file object -> RAW_SCHEMA batches of its non-blank lines."""
-    numbers: list[int] = []
-    raws: list[bytes] = []
-    count = 0
-    for n, raw in enumerate(_lines(f), start=1):
-        raw = raw.rstrip(b"\r\n")
-        if n == 1:
-            raw = raw.removeprefix(BOM)
-        if not raw.strip():
+            if data:
+                yield data, len(data) - data.endswith(b"\n")
+            return
+        if first:
+            rest = data
             continue
-        numbers.append(n)
-        raws.append(raw)
-        count += 1
-        if len(raws) >= BATCH_LINES:
-            yield _line_batch(file, numbers, raws)
-            numbers, raws = [], []
-        if limit is not None and count >= limit:
-            break
-    if raws:
-        yield _line_batch(file, numbers, raws)
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            rest = data
+            continue
+        rest = data[cut + 1:]
+        yield data, cut
+
+
+def iter_line_batches(f, file: str, limit: int | None = None, chunk_size: int = CHUNK_BYTES) -> Iterator[pa.Table]:
+    """Binary file object -> RAW_SCHEMA batches of its non-blank lines (one batch per piece of
+    about ``chunk_size`` bytes). Lines end at ``\\n``; trailing ``\\r`` are dropped; a line of
+    ASCII whitespace only is blank."""
+    line, count = 1, 0
+    for data, end in _chunks(f, chunk_size):
+        batch = _split_lines(data, end, file, line)
+        line += data.count(b"\n", 0, end) + 1
+        if limit is not None and count + batch.num_rows >= limit:
+            batch = batch.slice(0, limit - count)
+            if batch.num_rows:
+                yield batch
+            return
+        count += batch.num_rows
+        if batch.num_rows:
+            yield batch
 
 
 def _json_default(v):
@@ -333,6 +375,8 @@ def count_records(file: str, limit: int | None = None, units=None) -> int:
                 rows += 1
                 total += units(_clean(obj))
         return total
+    if units is None and limit is None:
+        return _count_lines(file)
     import orjson
 
     total = rows = 0
@@ -354,6 +398,31 @@ def count_records(file: str, limit: int | None = None, units=None) -> int:
                 obj = None
             total += units(obj)
     return total
+
+
+# a blank line (``bytes.strip()`` whitespace only) after a newline; the lookahead lets
+# consecutive blank lines each count
+_BLANK_AFTER_NEWLINE = re.compile(rb"\n(?=[ \t\r\x0b\x0c]*\n)")
+
+
+def _count_lines(file: str, chunk_size: int = 16 << 20) -> int:
+    """Non-blank lines of a file, by counting newlines and blank lines chunk by chunk (the
+    regex engine, not a Python loop per line)."""
+    total, rest, first = 0, b"", True
+    with open(file, "rb") as f:
+        while chunk := f.read(chunk_size):
+            data = rest + chunk
+            if first and len(data) >= len(BOM):
+                data, first = data.removeprefix(BOM), False
+            cut = data.rfind(b"\n") + 1
+            if first or cut == 0:
+                rest = data
+                continue
+            whole, rest = data[:cut], data[cut:]  # lines ending in \n
+            total += whole.count(b"\n") - len(_BLANK_AFTER_NEWLINE.findall(b"\n" + whole))
+    if first:
+        rest = rest.removeprefix(BOM)
+    return total + sum(1 for line in rest.split(b"\n") if line.strip())  # the last few lines
 
 
 def _count_csv(file: str, limit: int | None) -> int:

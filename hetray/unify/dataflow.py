@@ -1,0 +1,298 @@
+"""The convert stage's Ray Data plan: per source ``read -> parse -> [shuffle -> combine]``, and
+the batch functions it maps (pure: no Ray, no I/O, testable on plain Arrow tables).
+
+A source takes one of four paths, by what its adapter offers (``hetray.unify.sources.base``):
+
+* **rows are independent** (HH, generic ``pairwise`` / ``sft``, WinoGrande): the adapter's
+  ``parse_table`` converts a whole RAW batch with Arrow (``sources.vector``); no shuffle.
+  WinoGrande allows one pair per qID: a narrow pass first reads every good row's ``(qID, file,
+  line)``, groups those by qID (a shuffle of three short columns, not of the rows) and hands
+  ``parse_table`` the later rows of a repeated qID, which become ``duplicate_id`` rejects
+  (``find_duplicates``; the driver holds only those rows).
+* **records must meet, typed** (flat OASST messages: a tree's messages may sit in different
+  files): ``flow_table`` parses a batch into typed columns, the stage shuffles them by tree and
+  ``combine_table`` pairs every tree of a shuffle bucket with Arrow joins and sorts.
+* **records must meet, per record** (WinoBias, WinoGender, generic ``scored``): ``parse`` per
+  record, the items pickled through one shared shuffle, ``combine`` per group
+  (``parse_batch`` / ``combine_bucket``). Their data sets are small.
+* **independent, per record** (OASST tree lines): ``parse`` per record and ``combine`` within
+  the batch.
+
+A shuffle groups by ``bucket`` (a hash of the group key), not by the group itself: a bucket
+holds many groups, so the per-call cost of ``map_groups`` is paid per bucket, not per tree.
+It is Ray's shuffle, so memory stays bounded by the object store (which spills to disk).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zlib
+from collections import defaultdict
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from hetray.formats import hub_spec
+from hetray.schema import FLOW_SCHEMA, ITEM, OUTPUT_SCHEMA
+from hetray.unify.sources.base import tally_label_names
+from hetray.unify.sources.readers import InputError, iter_file_batches, make_datasource
+
+# kind of the rows that carry a batch's label tally (``detail``: JSON {name: n}) to the sink;
+# ``split_output`` writes them nowhere.
+LABELS = "labels"
+
+
+# ---------------------------------------------------------------------------- per-record path
+
+
+def _combine_local(adapter, s, records: list[dict]) -> list[dict]:
+    """Outputs of ``records``; items are grouped within this list (no shuffle needed)."""
+    out, groups = [], defaultdict(list)
+    for rec in records:
+        (groups[rec["group"]] if rec["kind"] == ITEM else out).append(rec)
+    for key in sorted(groups):
+        out.extend(adapter.combine(groups[key], s))
+    return out
+
+
+def parse_batch(batch: pa.Table, adapter, s, shuffle: bool, index: int = 0, n_buckets: int = 1) -> pa.Table:
+    """RAW_SCHEMA batch -> OUTPUT_SCHEMA (no shuffle) or FLOW_SCHEMA + ``bucket`` (items await
+    the shuffle), one record at a time.
+
+    Group keys are prefixed with the source's ``index`` so that every per-record source that
+    needs a shuffle shares one group-by.
+    """
+    records = [rec for row in batch.to_pylist() for rec in adapter.parse(row, s)]
+    tally = tally_label_names(records)
+    if tally:
+        records.append({"kind": LABELS, "source": s.name, "detail": json.dumps(tally, sort_keys=True)})
+    if not shuffle:
+        return pa.Table.from_pylist(_combine_local(adapter, s, records), schema=OUTPUT_SCHEMA)
+    buckets = []
+    for rec in records:
+        if rec["kind"] == ITEM:
+            rec["data"] = pickle.dumps(rec["data"], protocol=pickle.HIGHEST_PROTOCOL)
+            key = rec["group"]
+        else:  # already final (a reject): travels through the shuffle, combine passes it on
+            key = rec.get("record_id") or ""
+        rec["group"] = f"{index}\x1f{key}"
+        buckets.append(zlib.crc32(rec["group"].encode("utf-8", "surrogatepass")) % n_buckets)
+    table = pa.Table.from_pylist(records, schema=FLOW_SCHEMA)
+    return table.append_column("bucket", pa.array(buckets, pa.int32()))
+
+
+def combine_bucket(bucket: pa.Table, plans: dict) -> pa.Table:
+    """All FLOW rows of one bucket -> OUTPUT_SCHEMA rows, each group combined by its source's
+    adapter. ``plans``: source index -> (adapter, settings)."""
+    by_source = defaultdict(list)
+    for rec in bucket.drop_columns(["bucket"]).to_pylist():
+        index, rec["group"] = rec["group"].split("\x1f", 1)
+        if rec["kind"] == ITEM:
+            rec["data"] = pickle.loads(rec["data"])
+        by_source[int(index)].append(rec)
+    out = []
+    for index in sorted(by_source):
+        adapter, s = plans[index]
+        out.extend(_combine_local(adapter, s, by_source[index]))
+    return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
+
+
+# ---------------------------------------------------------------------------- Arrow paths
+
+
+def buckets(keys, n_buckets: int) -> pa.Array:
+    """A bucket in ``[0, n_buckets)`` for every key (a string column; null counts as "")."""
+    import polars as pl
+
+    keys = pc.fill_null(keys, "")
+    keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+    return (pl.from_arrow(keys).hash(seed=0) % n_buckets).cast(pl.Int32).to_arrow()
+
+
+def flow_batch(batch: pa.Table, adapter, s, n_buckets: int) -> pa.Table:
+    """RAW batch -> the adapter's typed flow rows + ``bucket`` (a tree's rows share one)."""
+    table = adapter.flow_table(batch, s)
+    key = pc.coalesce(table["group"], table["record_id"])
+    return table.append_column("bucket", buckets(key, n_buckets))
+
+
+def combine_flow(bucket: pa.Table, adapter, settings: dict) -> pa.Table:
+    return adapter.combine_table(bucket.drop_columns(["bucket"]), settings)
+
+
+def keys_batch(batch: pa.Table, adapter, s, n_buckets: int) -> pa.Table:
+    """RAW batch -> ``(record_id, file, line, bucket)`` of the rows whose key must be unique."""
+    keys = adapter.unique_keys(batch, s)
+    return keys.append_column("bucket", buckets(keys["record_id"], n_buckets))
+
+
+def duplicates_of(bucket: pa.Table, adapter) -> pa.Table:
+    return adapter.find_duplicates(bucket.drop_columns(["bucket"]))
+
+
+# ---------------------------------------------------------------------------- the plan
+
+
+def shuffle_partitions(files: list[str], configured: int | None, n_buckets: int) -> int:
+    """Partitions for a group-by: enough to spread work and keep each one small, and no more
+    than there are buckets (a partition beyond that could only ever be empty). Some partitions
+    may still be empty (buckets hash unevenly); the sink skips empty blocks."""
+    import ray
+
+    if configured:
+        return configured
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    size = sum(os.path.getsize(f) for f in files)
+    return int(min(200, n_buckets, max(2 * cpus, size // (128 << 20))))
+
+
+def n_shuffle_buckets(files: list[str], per_bucket: int = 1 << 20) -> int:
+    """About one bucket per ``per_bucket`` bytes of input, at least 16."""
+    size = sum(os.path.getsize(f) for f in files)
+    return int(max(16, size // per_bucket))
+
+
+# the typed (Arrow) shuffles combine a bucket with a few dozen vectorised calls: bigger buckets
+TYPED_BUCKET_BYTES = 16 << 20
+
+
+def group_by_bucket(ds, partitions: int):
+    """``ds.groupby("bucket")`` with Ray Data's sort-based shuffle (plain tasks, spilled through
+    the object store). Ray 2.60's default shuffle strategy (``shuffle_v2``) took 36-50 s for a
+    100k-row group-by on this 2-core machine where the sort-based one took 1-11 s (under load
+    ~30, 2026-11-25), so the stage sets it on its own datasets (their context, not the global)."""
+    from ray.data.context import ShuffleStrategy
+
+    ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    return ds.groupby("bucket", num_partitions=partitions)
+
+
+def read_raw(files: list[str], s):
+    """A source's RAW records as a Ray Dataset (local files, or a hub dataset)."""
+    import ray
+
+    if files:
+        return ray.data.read_datasource(make_datasource(files, s.limit))
+    spec = s.path if isinstance(s.path, str) else s.path[0]
+    return hub_dataset(spec, s.limit)
+
+
+# below this much input the narrow pass runs on the driver: a Ray execution costs seconds
+LOCAL_KEY_PASS_BYTES = 32 << 20
+
+
+def find_duplicates(planned: list, batch_size: int, partitions: int | None = None) -> dict:
+    """{source name: DUPLICATES rows} for the sources whose adapter wants unique keys
+    (``unique_keys``): the narrow pass of the module doc, on Ray (or on the driver for a small
+    local input). The driver holds only the duplicate rows."""
+    out = {}
+    for adapter, files, s in planned:
+        if not hasattr(adapter, "unique_keys"):
+            continue
+        if files and sum(os.path.getsize(f) for f in files) <= LOCAL_KEY_PASS_BYTES:
+            keys = []
+            for file in files:
+                with open(file, "rb") as f:
+                    keys += [adapter.unique_keys(b, s) for b in iter_file_batches(f, file, s.limit)]
+            out[s.name] = adapter.find_duplicates(pa.concat_tables(keys) if keys else adapter.KEYS_SCHEMA.empty_table())
+            continue
+        n = n_shuffle_buckets(files, TYPED_BUCKET_BYTES)
+        keys = read_raw(files, s).map_batches(
+            keys_batch, fn_kwargs={"adapter": adapter, "s": s, "n_buckets": n},
+            batch_format="pyarrow", batch_size=batch_size)
+        dups = group_by_bucket(keys, shuffle_partitions(files, partitions, n)).map_groups(
+            duplicates_of, fn_kwargs={"adapter": adapter}, batch_format="pyarrow")
+        tables = [b for b in dups.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
+        out[s.name] = pa.concat_tables(tables) if tables else adapter.DUPLICATES_SCHEMA.empty_table()
+    return out
+
+
+def build_dataset(planned: list, batch_size: int, partitions: int | None = None, duplicates: dict | None = None):
+    """The whole stage as one lazy Dataset: per-source reads and parses, a shuffle per typed
+    adapter and one shared by the per-record sources, and the union of everything."""
+    duplicates = duplicates or {}
+    direct, grouped, plans, typed = [], [], {}, defaultdict(list)
+    shuffled_files = [f for adapter, files, s in planned
+                      if adapter.needs_shuffle(s) and not hasattr(adapter, "flow_table") for f in files]
+    n_buckets = n_shuffle_buckets(shuffled_files)
+    for index, (adapter, files, s) in enumerate(planned):
+        raw = read_raw(files, s)
+        shuffle = adapter.needs_shuffle(s)
+        if shuffle and hasattr(adapter, "flow_table"):
+            typed[adapter].append((raw, files, s))
+            continue
+        if not shuffle and hasattr(adapter, "parse_table"):
+            kwargs = {"duplicates": duplicates[s.name]} if s.name in duplicates else {}
+            direct.append(raw.map_batches(adapter.parse_table, fn_kwargs={"s": s, **kwargs},
+                                          batch_format="pyarrow", batch_size=batch_size))
+            continue
+        parsed = raw.map_batches(
+            parse_batch,
+            fn_kwargs={"adapter": adapter, "s": s, "shuffle": shuffle, "index": index, "n_buckets": n_buckets},
+            batch_format="pyarrow",
+            batch_size=batch_size,
+        )
+        if shuffle:
+            grouped.append(parsed)
+            plans[index] = (adapter, s)
+        else:
+            direct.append(parsed)
+    for adapter, sources in typed.items():  # one shuffle per typed adapter, all its sources
+        files = [f for _, fs, _ in sources for f in fs]
+        n = n_shuffle_buckets(files, TYPED_BUCKET_BYTES)
+        flows = [raw.map_batches(flow_batch, fn_kwargs={"adapter": adapter, "s": s, "n_buckets": n},
+                                 batch_format="pyarrow", batch_size=batch_size) for raw, _, s in sources]
+        flow = flows[0].union(*flows[1:]) if len(flows) > 1 else flows[0]
+        direct.append(group_by_bucket(flow, shuffle_partitions(files, partitions, n)).map_groups(
+            combine_flow, fn_kwargs={"adapter": adapter, "settings": {s.name: s for _, _, s in sources}},
+            batch_format="pyarrow"))
+    if grouped:
+        flow = grouped[0].union(*grouped[1:]) if len(grouped) > 1 else grouped[0]
+        n = shuffle_partitions(shuffled_files, partitions, n_buckets)
+        direct.append(
+            group_by_bucket(flow, n).map_groups(
+                combine_bucket, fn_kwargs={"plans": plans}, batch_format="pyarrow"
+            )
+        )
+    return direct[0].union(*direct[1:]) if len(direct) > 1 else direct[0]
+
+
+# ---------------------------------------------------------------------------- hub datasets
+
+
+def hub_error(name: str, split: str, cause: Exception) -> InputError:
+    return InputError(
+        f"could not load the Hugging Face dataset {name!r} (split {split!r}): the hub is "
+        f"not reachable from here or the dataset does not exist. Download it and give a local "
+        f"path instead. Cause: {type(cause).__name__}: {cause}"
+    )
+
+
+def hub_dataset(spec: str, limit: int | None):
+    """``hf:ORG/NAME[:SPLIT[:CONFIG]]`` -> a Ray Dataset of RAW rows (needs network)."""
+    import ray
+
+    name, split, config = hub_spec(spec)
+    try:
+        import datasets
+
+        hf = datasets.load_dataset(name, config, split=split, streaming=False)
+    except Exception as e:  # noqa: BLE001
+        raise hub_error(name, split, e) from None
+    if limit:
+        hf = hf.select(range(min(limit, len(hf))))
+    if os.path.exists(name):
+        # a local dataset folder: from_huggingface would still ask the hub for parquet URLs
+        # (and fail offline), so hand Ray the memory-mapped Arrow table instead.
+        ds = ray.data.from_arrow(hf.data.table)
+    else:
+        ds = ray.data.from_huggingface(hf)
+
+    def to_raw(batch: pa.Table) -> pa.Table:
+        from hetray.unify.sources.readers import _table_batch
+
+        return _table_batch(spec, 1, batch)  # every chunk of the batch, not only the first
+
+    return ds.map_batches(to_raw, batch_format="pyarrow", batch_size=None)
