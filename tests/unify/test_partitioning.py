@@ -49,7 +49,7 @@ from hetray.schema import parquet_files
 from hetray.unify.convert import run_convert
 
 spec = json.loads(open(sys.argv[1]).read())
-ray.init(num_cpus=spec["cpus"], include_dashboard=False, log_to_driver=False)
+ray.init(address="local", num_cpus=spec["cpus"], include_dashboard=False, log_to_driver=False)
 out = {}
 for name, job in spec["jobs"].items():
     m = run_convert(JobConfig.model_validate(job))
