@@ -1,16 +1,20 @@
-"""The embed stage on local Ray: one unit vector per distinct prompt, equal to a direct encode;
-re-runs re-use the stored vectors; a new model or new prompts embed again; clear errors."""
+"""The embed stage on local Ray: one unit vector per distinct prompt, equal to a direct encode
+and the same bytes run to run; re-runs re-use the stored vectors; a new model or new prompts
+embed again; phases timed; Ray's restart notice kept off stderr; clear errors."""
 
+import json
 import os
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from transformers import AutoTokenizer
 
 from hetray.config import JobConfig
 from hetray.selection.config import EmbedConfig
-from hetray.selection.embed import add_prompt_id, embed_stage, plan_calls, run_embed, to_embedding_table
+from hetray.selection.embed import (RAY_NOTICE, add_prompt_id, embed_stage, phases, plan_partitions,
+                                    ray_notice_to_log, run_embed, to_embedding_table, token_order)
 from hetray.models import load_embedder, resolve_embedder
 from hetray.schema import PREFERENCE_SCHEMA, embedding_schema, pair, prompt_id
 from hetray.schema import parquet_files
@@ -69,11 +73,57 @@ def test_batch_helpers_without_ray():
     assert table.column("vector").to_pylist()[1] == [0.0, 1.0, 0.0, 0.0]
 
 
-def test_plan_calls_gives_every_actor_work_in_wide_calls():
+def test_plan_partitions_gives_every_actor_work_in_one_block_each():
     two = EmbedConfig(batch_size=256, num_actors=2)
-    assert plan_calls(20_000, two) == (8, 2500)  # 4 calls per actor, each sorted by length
-    assert plan_calls(100, two) == (8, 256)  # never below one encode batch
-    assert plan_calls(10_000_000, two) == (10, 4096)  # at most 16 encode batches per call
+    block = 128 << 20
+    assert plan_partitions(20_000, 3_000_000, two, block) == 4  # 2 calls per actor
+    assert plan_partitions(100, 5_000, two, block) == 4
+    assert plan_partitions(10_000_000, 300_000_000, two, block) == 10  # at most 1M prompts each
+    # each partition at most half a block: (2 GB of text + 24 B of id a prompt) / 64 MiB = 30.2
+    assert plan_partitions(1_000_000, 2_000_000_000, two, block) == 31
+    assert plan_partitions(1_000_000, 2_000_000_000, two, None) == 4  # no block size: no byte cap
+
+
+def test_token_order_puts_most_tokens_first_and_keeps_ties_in_order():
+    tokenizer = AutoTokenizer.from_pretrained(resolve_embedder("all-minilm-l6-v2"))
+    prompts = ["a b", "one two three four five", "x y", "hello", "supercalifragilistic words here"]
+    counts = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    order = token_order(tokenizer, prompts, max_length=512).tolist()
+    assert [counts[i] for i in order] == sorted(counts, reverse=True)
+    ties = [i for i in order if counts[i] == counts[0]]
+    assert ties == sorted(ties)  # equal counts: the given order
+    assert token_order(tokenizer, prompts, max_length=3).tolist() == [0, 1, 2, 3, 4]  # truncated to 3: all tie
+    assert token_order(tokenizer, [], max_length=8).tolist() == []
+
+
+def test_phases_from_the_actors_timing_files(tmp_path):
+    t0 = 1000.0
+    lines = {  # two actors; the first starts at +2 s, loads in 3 s, waits 1 s for data
+        "a.jsonl": [{"actor": "a", "load": [t0 + 2, t0 + 5]},
+                    {"actor": "a", "call": [t0 + 6, t0 + 16], "prompts": 1000, "encode_s": 9.5},
+                    {"actor": "a", "call": [t0 + 16, t0 + 26], "prompts": 1000, "encode_s": 9.5}],
+        "b.jsonl": [{"actor": "b", "load": [t0 + 3, t0 + 7]},
+                    {"actor": "b", "call": [t0 + 7, t0 + 27], "prompts": 2000, "encode_s": 19.0}],
+    }
+    for name, entries in lines.items():
+        (tmp_path / name).write_text("".join(json.dumps(e) + "\n" for e in entries))
+    got = phases(tmp_path, t0, t0 + 28, actors=2)
+    assert got == {"wall_s": 28.0, "actor_start_s": 2.0, "model_load_s": 4.0, "wait_for_dedupe_s": 1.0,
+                   "calls_s": 20.0, "encode_s": 19.0, "steady_prompts_per_s": 200.0, "write_tail_s": 1.0,
+                   "calls": 3, "actor_starts": 2}
+    assert phases(tmp_path / "missing", t0, t0 + 5, actors=1) == {"wall_s": 5.0}
+
+
+def test_ray_notice_is_kept_off_stderr_and_the_rest_passes(capfd):
+    notice = b"[2026 E 1 1] core_worker.cc:2465: Actor with class name: 'X' " + RAY_NOTICE + b" and max_restarts > 0.\n"
+    with ray_notice_to_log():
+        os.write(2, b"before\n")
+        os.write(2, notice)
+        os.write(2, b"progress 1/2\r")
+        os.write(2, b"after\n")
+    os.write(2, b"restored\n")
+    err = capfd.readouterr().err
+    assert err == "before\nprogress 1/2\rafter\nrestored\n"
 
 
 def test_key_changes_with_model_and_prompts_only(tmp_path):
@@ -104,11 +154,23 @@ def test_embed_distinct_prompts_reuse_and_reruns(tmp_path, ray_local):
         assert abs(np.linalg.norm(vec) - 1) < 1e-5
         np.testing.assert_allclose(vec, want, atol=1e-5)
 
+    # every partition one actor call, timed
+    t = m["timings"]
+    assert m["partitions"] == 2 and 1 <= t["calls"] <= 2 and t["actor_starts"] == 1
+    assert t["steady_prompts_per_s"] > 0 and 0 < t["encode_s"] <= t["calls_s"] < t["wall_s"]
+    assert 0 <= t["actor_start_s"] < t["wall_s"] and 0 < t["model_load_s"] < t["wall_s"]
+
     # same prompts, same config: skipped, nothing rewritten
     before = mtimes(run)
     again = run_embed(job(run))
     assert again["created"] == m["created"] and again["key"] == m["key"]
     assert mtimes(run) == before
+
+    # forced: embedded again, the same bytes (a partition is the same batches on every run)
+    vectors = {pid: vec.tobytes() for pid, (_, vec) in got.items()}
+    run_embed(job(run), force=True)
+    assert {pid: vec.tobytes() for pid, (_, vec) in read_embeddings(run).items()} == vectors
+    before = mtimes(run)
 
     # a new prompt, another model path (the same weights) and batch size: runs again, and the
     # vectors of the old prompts do not depend on the batch size
@@ -124,6 +186,16 @@ def test_embed_distinct_prompts_reuse_and_reruns(tmp_path, ray_local):
     for pid, (_, vec) in got.items():
         np.testing.assert_allclose(now[pid][1], vec, atol=1e-5)
     assert not list(run.glob(".embed-tmp-*"))
+
+
+def test_one_prompt_leaves_a_partition_empty_and_writes_one_good_file(tmp_path, ray_local):
+    run = tmp_path / "run"
+    write_preferences(run, [PROMPTS[0]] * 5)  # 5 pairs, 1 distinct prompt, 2 partitions
+    m = run_embed(job(run))
+    assert m["partitions"] == 2 and m["distinct_prompts"] == 1 and m["timings"]["calls"] == 1
+    files = parquet_files(run / "embeddings")
+    assert [pq.read_metadata(f).num_rows for f in files] == [1]
+    assert all(pq.read_schema(f).equals(embedding_schema(384)) for f in files)
 
 
 def test_missing_preferences_says_run_convert(tmp_path):
