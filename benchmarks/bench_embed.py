@@ -273,8 +273,14 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--object-store-memory", type=int, default=2_000_000_000, help="bytes for Ray's object store")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir)")
+    p.add_argument("--layouts", nargs="*", default=["1xC", "Cx1"],
+                   help="hetray layouts, actors x CPUs each, C = cores (default: 1xC Cx1)")
     args = p.parse_args()
     cores = os.cpu_count()
+    try:
+        layouts = [tuple(int(v.replace("C", str(cores))) for v in lay.split("x")) for lay in args.layouts]
+    except ValueError:
+        p.error(f"--layouts: expected ACTORSxCPUS such as 2x1 or 1xC, got {args.layouts}")
     prompts = make_prompts(args.n)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="hetray-bench-embed-"))
     write_preferences(work, prompts)
@@ -294,7 +300,7 @@ def main() -> None:
              include_dashboard=False, log_to_driver=False)
     ray_start_s = round(time.perf_counter() - t0, 2)
     runs = []
-    for actors, cpus in ((1, cores), (cores, 1)):
+    for actors, cpus in layouts:
         runs.append(bench_hetray(work, args.batch_size, actors, cpus, 0))
         runs[-1]["ratios"] = ratios(runs[-1], baseline, ray_start_s)
         print("hetray (cpu):", json.dumps(runs[-1]), flush=True)

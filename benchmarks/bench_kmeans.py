@@ -299,6 +299,10 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="a small smoke run (20k and 50k vectors, k=10 and k=300)")
     p.add_argument("--sizes", type=int, nargs="*", help="numbers of vectors (default 200k and 1M)")
     p.add_argument("--threads", type=int, default=2, help="threads for scikit-learn and faiss (default 2)")
+    p.add_argument("--k", type=int, nargs="*", help="run only the configurations with these k (default: all)")
+    p.add_argument("--backends", nargs="*", choices=BACKENDS, default=list(BACKENDS),
+                   help="hetray backends to run (default: both)")
+    p.add_argument("--max-iter", type=int, help="override every configuration's max_iter (same cap for all runs)")
     args = p.parse_args()
     global THREADS
     THREADS = args.threads
@@ -309,11 +313,14 @@ def main() -> None:
     name = "bench_kmeans_quick" if args.quick else "bench_kmeans"
     meta = {"threads_sklearn_faiss": THREADS, "ray_cpus": 2, "sample_size": SAMPLE, "python": sys.version.split()[0]}
     for n in sizes:
-        rows.extend(bench(n, plan(n, args.quick)))
+        configs = [c for c in plan(n, args.quick) if not args.k or c["k"] in args.k]
+        if args.max_iter:
+            configs = [{**c, "max_iter": args.max_iter} for c in configs]
+        rows.extend(bench(n, configs, tuple(args.backends)))
         meta["threadpools"] = threadpools()  # after every size: partial results survive
-        path = write_results(name, {**meta, "runs": rows}, markdown(rows))
+        path = write_results(name, {**meta, "runs": rows}, markdown(rows, tuple(args.backends)))
     finish()
-    print(markdown(rows))
+    print(markdown(rows, tuple(args.backends)))
     print(f"results: {path}")
 
 

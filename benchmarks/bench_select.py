@@ -1,20 +1,26 @@
-"""Benchmark: convert -> select on many preference rows (embedding excluded, vectors synthetic).
+"""Benchmark: peak memory of the select stage at several sizes (embedding excluded, vectors synthetic).
 
-    python benchmarks/bench_select.py               # 10M pairs
-    python benchmarks/bench_select.py --pairs 1000000
+    python benchmarks/bench_select.py                          # 1M and 10M pairs (issue 14's goal)
+    python benchmarks/bench_select.py --sizes 100000 300000    # a quick sanity run
+    python benchmarks/bench_select.py --sizes 100000 600000 --partition-rows 50000   # the shuffle join, small
 
 Data: generic pairwise parquet shards from three sources (two scored with a margin column,
-one unscored), four pairs per distinct prompt. The embedding stage is replaced by synthetic
-normalised 32-d vectors around 10 centres written straight into ``embeddings/`` (embedding
-speed is bench_embed's subject); then ``cluster`` (k=10, n_init=10) and ``select``
-(fraction 0.4) run as in a real job. Reports the wall time and peak memory (PSS of the whole
-process tree) of convert, and of cluster + select, into benchmarks/results/bench_select.*.
+one unscored), four pairs per distinct prompt. For each size: ``convert`` (hetray's CLI), then
+synthetic normalised 32-d vectors around 10 centres written straight into ``embeddings/``
+(embedding speed is bench_embed's subject), ``cluster`` (k=10, n_init=10), and ``select``
+(fraction 0.4), each in its own process with its own local Ray, the object store capped
+(``ray.object_store_memory``, ``--object-store-mib``). Reported per stage: wall time and peak
+memory = PSS of the whole process tree (driver, raylet, GCS, workers, the object store's shared
+pages counted once), sampled every 0.5 s; for select also the driver's own peak RSS (its
+``ru_maxrss``). The goal (issue 14): select's peak at the largest size at most 1.2x the peak at
+the smallest, the driver holding no per-pair data. Writes benchmarks/results/bench_select.{md,json}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -82,7 +88,7 @@ def write_vectors(run_dir: Path, dim: int = 32, seed: int = 0) -> int:
 
 JOB = """
 run_dir: {run_dir}
-ray: {{num_cpus: 2}}
+ray: {{num_cpus: 2, object_store_memory: {object_store}}}
 convert:
   sources:
 {sources}
@@ -90,63 +96,112 @@ cluster: {{n_clusters: 10, n_init: 10}}
 select: {{fraction: 0.4}}
 """
 
-SELECT = textwrap.dedent(
+# One stage per process: its own local Ray, so that each peak is that stage's alone.
+STAGE = textwrap.dedent(
     """
-    import sys
+    import resource, sys
     from hetray.config import load_config
     from hetray.orchestrate.ray_init import init_ray
-    from hetray.selection.clustering import run_cluster
-    from hetray.selection.select import run_select
     cfg = load_config(sys.argv[1])
     init_ray(cfg.ray)
-    run_cluster(cfg)  # over the synthetic vectors
-    m = run_select(cfg, force=True)
-    print("SELECTED", m["pairs_selected"], "OF", m["pairs_in"])
+    if sys.argv[2] == "cluster":
+        from hetray.selection.clustering import run_cluster
+        run_cluster(cfg, force=True)  # over the synthetic vectors
+    else:
+        from hetray.selection import select
+        if sys.argv[3] != "default":
+            select.PARTITION_ROWS = int(sys.argv[3])
+        m = select.run_select(cfg, force=True)
+        print("SELECTED", m["pairs_selected"], "OF", m["pairs_in"])
+    print("DRIVER_MAXRSS_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     """
 )
 
+MEASURED = ("wall_s", "peak_mem_mib", "load_avg_1min_during", "load_avg_1min_after")
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--pairs", type=int, default=10_000_000)
-    p.add_argument("--workdir", default=None)
-    args = p.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="hetray-bench-select-"))
+
+def one_size(n: int, work: Path, object_store: int, partition_rows: str) -> dict:
     src = work / "src"
-    make_pairs(args.pairs, src)
+    make_pairs(n, src)
     sources = "\n".join(
         f"    - {{name: {s}, format: generic, shape: pairwise, path: {src / s}"
         + (", columns: {margin: margin}}" if s != "gamma" else "}")
         for s in SOURCES
     )
     job = work / "job.yaml"
-    job.write_text(JOB.format(run_dir=work / "run", sources=sources))
+    job.write_text(JOB.format(run_dir=work / "run", sources=sources, object_store=object_store))
     convert = run_measured([sys.executable, "-m", "hetray.cli", "convert", "--config", str(job), "--force"])
     prompts = write_vectors(work / "run")
-    script = work / "select_synthetic.py"
-    script.write_text(SELECT)
-    select = run_measured([sys.executable, str(script), str(job)])
-    selected = select["output_tail"].split("SELECTED")[-1].split()
+    script = work / "stage.py"
+    script.write_text(STAGE)
+    cluster = run_measured([sys.executable, str(script), str(job), "cluster"])
+    select = run_measured([sys.executable, str(script), str(job), "select", partition_rows])
+    tail = select["output_tail"]
     res = {
-        "pairs": args.pairs,
+        "pairs": n,
         "distinct_prompts": prompts,
-        "convert": {k: convert[k] for k in ("wall_s", "peak_mem_mib")},
-        "cluster_and_select": {k: select[k] for k in ("wall_s", "peak_mem_mib")},
-        "pairs_selected": int(selected[0]),
+        "convert": {k: convert[k] for k in MEASURED},
+        "cluster": {k: cluster[k] for k in MEASURED},
+        "select": {k: select[k] for k in MEASURED},
+        "pairs_selected": int(tail.split("SELECTED")[-1].split()[0]),
     }
-    res["convert"]["pairs_per_s"] = round(args.pairs / convert["wall_s"])
-    res["cluster_and_select"]["pairs_per_s"] = round(args.pairs / select["wall_s"])
-    print(json.dumps(res, indent=2))
+    res["select"]["driver_peak_rss_mib"] = round(int(tail.split("DRIVER_MAXRSS_KIB")[-1].split()[0]) / 1024, 1)
+    res["select"]["pairs_per_s"] = round(n / select["wall_s"])
+    print(json.dumps(res, indent=2), flush=True)
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000], help="pairs per run")
+    p.add_argument("--object-store-mib", type=int, default=1024, help="ray.object_store_memory of each stage")
+    p.add_argument("--partition-rows", default="default",
+                   help="select's PARTITION_ROWS (pairs per join partition; default: the module's value)")
+    p.add_argument("--workdir", default=None)
+    args = p.parse_args()
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    runs = []
+    for n in args.sizes:
+        work = Path(tempfile.mkdtemp(prefix=f"hetray-bench-select-{n}-", dir=args.workdir))
+        try:
+            runs.append(one_size(n, work, args.object_store_mib << 20, args.partition_rows))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    first, last = runs[0]["select"], runs[-1]["select"]
+    from hetray.selection.select import PARTITION_ROWS
+
+    res = {
+        "load_avg_before": load_before,
+        "object_store_mib": args.object_store_mib,
+        "partition_rows": PARTITION_ROWS if args.partition_rows == "default" else int(args.partition_rows),
+        "runs": runs,
+        "select_peak_ratio": round(last["peak_mem_mib"] / first["peak_mem_mib"], 3),
+        "select_driver_ratio": round(last["driver_peak_rss_mib"] / first["driver_peak_rss_mib"], 3),
+    }
+    rows = "\n".join(
+        f"| {r['pairs']:,} | {r['distinct_prompts']:,} | {r['select']['wall_s']} | {r['select']['peak_mem_mib']} "
+        f"| {r['select']['driver_peak_rss_mib']} | {r['select']['load_avg_1min_during']['mean']} "
+        f"| {r['convert']['wall_s']} | {r['convert']['peak_mem_mib']} | {r['cluster']['wall_s']} "
+        f"| {r['cluster']['peak_mem_mib']} | {r['pairs_selected']:,} |"
+        for r in runs
+    )
+    ratio = f"{runs[-1]['pairs']:,} / {runs[0]['pairs']:,} pairs"
     md = (
-        "| pairs | distinct prompts | convert s | convert peak MiB | cluster+select s | cluster+select peak MiB | selected |\n"
-        "|---|---|---|---|---|---|---|\n"
-        f"| {args.pairs:,} | {prompts:,} | {res['convert']['wall_s']} | {res['convert']['peak_mem_mib']} "
-        f"| {res['cluster_and_select']['wall_s']} | {res['cluster_and_select']['peak_mem_mib']} | {res['pairs_selected']:,} |\n\n"
-        "Peak memory: PSS of the whole process tree (driver, raylet, workers), sampled every 0.5 s. "
+        f"load average (1, 5, 15 min) before the runs: {load_before}; the machine has {os.cpu_count()} CPUs "
+        "(a load above that means the timings are contended)\n\n"
+        "| pairs | distinct prompts | select s | select peak MiB | select driver peak RSS MiB | load during select "
+        "| convert s | convert peak MiB | cluster s | cluster peak MiB | selected |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        f"{rows}\n\n"
+        f"select peak memory ratio {ratio}: **{res['select_peak_ratio']}** (goal <= 1.2); "
+        f"driver peak RSS ratio: **{res['select_driver_ratio']}**.\n\n"
+        "Peak memory: PSS of the whole process tree of one stage (driver, raylet, GCS, workers; Ray's "
+        f"object store capped at {args.object_store_mib} MiB; {res['partition_rows']:,} pairs per join partition: "
+        "more than one partition joins through Ray Data's disk-based shuffle), sampled every 0.5 s; driver peak RSS: the "
+        "select process's own ru_maxrss. Each stage runs in its own process with its own local Ray (2 CPUs). "
         "Vectors are synthetic 32-d (the embedding stage is excluded); k=10, n_init=10, fraction 0.4."
     )
     print(f"results: {write_results('bench_select', res, md)}")
-    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

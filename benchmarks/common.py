@@ -92,6 +92,7 @@ def write_results(name: str, result: dict, markdown: str) -> Path:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "load_avg_at_write": [round(v, 2) for v in os.getloadavg()],
         **result,
     }
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -99,7 +100,8 @@ def write_results(name: str, result: dict, markdown: str) -> Path:
         f"# {name}\n\ncommand: `{result['command']}`  \n"
         f"machine: {result['machine']['cpus']} CPUs ({result['machine']['cpu_model']}), "
         f"{result['machine']['memory_gib']} GiB, {result['machine']['platform']}  \n"
-        f"date: {result['date']}\n\n"
+        f"date: {result['date']}  \n"
+        f"load average (1/5/15 min) when written: {' / '.join(map(str, result['load_avg_at_write']))}\n\n"
     )
     path = RESULTS / f"{name}.md"
     path.write_text(header + markdown + "\n")

@@ -2,7 +2,10 @@
 beside ``selected/`` (so the data folder holds only data, its card and its manifest).
 
 Cluster sizes (stacked by source, before and after), each source's share before and after,
-quality distributions before and after, and example prompts (nearest each centroid).
+quality distributions before and after, and example prompts (nearest each centroid). The counts
+are exact; the quality distributions come from a seeded sample of each source's pairs (``select``
+passes at most ``sample_size`` per source, and "after" is the part of that sample that was kept),
+so that the report costs the same at any size.
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ def _quality_plot(sample: pd.DataFrame, path: Path) -> bool:
     return True
 
 
-def write_report(folder: Path, cfg, table: pd.DataFrame, sample: pd.DataFrame, examples: dict) -> dict:
+def write_report(folder: Path, cfg, table: pd.DataFrame, sample: pd.DataFrame, examples: dict,
+                 sample_size: int | None = None) -> dict:
     """Write ``report.md`` and plots into ``folder`` (``selected_report/`` of the run). Returns
     their paths relative to the run directory (``selected_report/report.md``, ...)."""
     out = Path(folder)
@@ -107,6 +111,9 @@ def write_report(folder: Path, cfg, table: pd.DataFrame, sample: pd.DataFrame, e
     lines += ["", "![cluster sizes](cluster_sizes.png)", ""]
     if has_quality:
         lines += ["## Quality", ""]
+        if sample_size is not None:
+            lines += [f"From a seeded sample of at most {sample_size:,} pairs per source (every pair of a "
+                      "smaller source); after: the pairs of that sample that were kept.", ""]
         for src, part in sample.dropna(subset=["quality"]).groupby("source"):
             b = part.loc[part["set"] == "before", "quality"]
             a = part.loc[part["set"] == "after", "quality"]

@@ -14,6 +14,10 @@ All functions work on pandas frames with the columns ``pair_id``, ``source``, ``
   their source); rows without a quality rank by the seeded hash alone, i.e. a seeded random
   sample. Ties in quality are broken by the same hash, so the order is total and reproducible.
 * ``top_of_cell``: the first ``keep`` rows of a cell in that order.
+* ``cut`` and ``percentiles``: the same rules on Arrow tables, for the distributed stage: ``cut``
+  ranks the cells of one cluster and keeps their quotas; ``percentiles`` gives the within-source
+  percentile of each distinct quality from one block of the sorted distinct values. Both give
+  exactly what ``ranking`` and ``order`` give on the whole frame.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import math
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 
 def tie_hash(pair_ids, seed: int) -> np.ndarray:
@@ -100,6 +106,72 @@ def order(df: pd.DataFrame) -> pd.DataFrame:
 
 def top_of_cell(cell: pd.DataFrame, keep: int) -> pd.DataFrame:
     return order(cell).head(keep)
+
+
+def _uniform(tie: np.ndarray) -> np.ndarray:
+    """The seeded uniform percentile of an unscored row (as in ``ranking``)."""
+    return (tie.astype(np.uint64) >> np.uint64(11)).astype(float) / float(1 << 53)
+
+
+def cut(group: pa.Table, quota, by_source: bool, whole: list[str], normalization: str,
+        sample_below: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Rank the cells of one cluster and keep their quotas. ``group``: the pairs of one cluster
+    (columns pair_id, source, quality, tie, and ``pct`` with ``normalization="percentile"``);
+    ``quota``: how many pairs each cell keeps: a dict source -> keep when the cells are
+    (cluster, source) (``by_source``), else one number for the cluster. Pairs of the ``whole``
+    sources are all kept and take no part in the ranking. Returns two masks over the rows: kept,
+    and in the report's sample (``tie <= sample_below[source]``)."""
+    source = group["source"]
+    if not pa.types.is_dictionary(source.type):
+        source = pc.dictionary_encode(source)
+    source = pa.chunked_array(source).unify_dictionaries() if isinstance(source, pa.ChunkedArray) else source
+    chunks = source.chunks if isinstance(source, pa.ChunkedArray) else [source]
+    names = chunks[0].dictionary.to_pylist() if chunks else []
+    code = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in chunks]) if chunks else np.zeros(0, int)
+    tie = group["tie"].to_numpy()
+    sampled = tie <= np.array([sample_below[s] for s in names], dtype=np.uint64)[code]
+    kept = np.isin(code, [i for i, s in enumerate(names) if s in set(whole)])
+    ranked = np.flatnonzero(~kept)
+    if len(ranked) == 0:
+        return kept, sampled
+    q = group["quality"].to_numpy().astype(float)[ranked]
+    if normalization == "percentile":
+        score = np.where(np.isnan(q), _uniform(tie[ranked]), group["pct"].to_numpy().astype(float)[ranked])
+    elif normalization == "none":
+        score = np.where(np.isnan(q), -np.inf, q)
+    else:
+        raise ValueError(f"unknown quality normalization {normalization!r}")
+    pair_id = group["pair_id"] if len(ranked) == group.num_rows else group["pair_id"].take(pa.array(ranked))
+    keys = {"cell": code[ranked] if by_source else np.zeros(len(ranked), np.int32), "score": score,
+            "tie": tie[ranked], "pair_id": pair_id}
+    best = pc.sort_indices(pa.table(keys), [("cell", "ascending"), ("score", "descending"), ("tie", "ascending"),
+                                            ("pair_id", "ascending")]).to_numpy()
+    cell = keys["cell"][best]
+    first = np.flatnonzero(np.r_[True, cell[1:] != cell[:-1]])  # where each cell starts in that order
+    rank = np.arange(len(best)) - np.repeat(first, np.diff(np.r_[first, len(best)]))
+    limit = np.array([quota.get(s, 0) for s in names])[cell] if by_source else np.full(len(best), int(quota))
+    kept[ranked[best[rank < limit]]] = True
+    return kept, sampled
+
+
+def percentiles(values: pa.Table, below: dict, n_scored: dict) -> pa.Table:
+    """``values``: distinct (source, quality) with ``dups`` (the pairs that have it), sorted by
+    source then quality; ``below``: per source, the scored pairs under this block's first value;
+    ``n_scored``: the scored pairs of each source. Returns (source, quality, pct), where ``pct``
+    is pandas' ``rank(pct=True, method="average")`` within the source, bit for bit:
+    ``(less + (dups + 1) / 2) / n`` with ``less`` the pairs of lower quality."""
+    source = values["source"].to_numpy(zero_copy_only=False)
+    dups = values["dups"].to_numpy().astype(np.int64)
+    if len(source) == 0:
+        return pa.table({"source": values["source"], "quality": values["quality"], "pct": pa.array([], pa.float64())})
+    starts = np.r_[True, source[1:] != source[:-1]]
+    run = np.cumsum(starts) - 1  # which run of one source each row is in
+    first = np.flatnonzero(starts)
+    before_in_block = np.cumsum(dups) - dups
+    less = before_in_block - before_in_block[first][run] + np.array([below.get(s, 0) for s in source[first]])[run]
+    n = np.array([n_scored[s] for s in source[first]], dtype=np.int64)[run]
+    pct = (less + (dups + 1) / 2) / n
+    return pa.table({"source": values["source"], "quality": values["quality"], "pct": pa.array(pct, pa.float64())})
 
 
 def near_duplicates(vectors: np.ndarray, threshold: float) -> np.ndarray:

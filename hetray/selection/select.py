@@ -2,20 +2,31 @@
 stratified so every source keeps its share (paper 2.4, 2.5, A.3).
 
 ``run_select(cfg)`` reads ``preferences/`` and ``clusters/`` (the ``convert``, ``embed`` and
-``cluster`` stages must have run; ``hetray run`` runs them in order), then:
+``cluster`` stages must have run; ``hetray run`` runs them in order), then, on Ray Data:
 
-1. Ray Data reads the narrow view of the pairs in parallel (``pair_id``, ``prompt_id`` = hash
-   of the prompt, ``source``, ``quality``, and ``tie``, a seeded hash of ``pair_id``) and the
-   driver joins it with the cluster assignments on ``prompt_id`` (an Arrow hash join);
-2. optional near-duplicate removal inside each cluster (``select.dedup_threshold``);
-3. counts per (cluster, source) give the quotas (``hetray.selection.rules``); each cell keeps its top
-   rows by (quality, tie), a vectorised sort on the narrow view;
-4. a streaming Ray Data pass over ``preferences/`` keeps the selected ``pair_id``s and writes
-   ``selected/`` in the input order, with the same schema: same inputs + seed give the same
-   files, byte for byte. ``selected/`` holds only data (Parquet), its dataset card
-   (``README.md``, ``hetray.datacard``: ``datasets.load_dataset("<run>/selected")`` reads it) and
-   the manifest; the selection report (markdown + plots) goes beside it into
-   ``selected_report/``, an output of the same stage.
+1. the narrow view of the pairs (``pair_id``, ``prompt_id`` = hash of the prompt, ``source``,
+   ``quality``, ``tie`` = a seeded hash of ``pair_id``, ``file`` = the key of the preference
+   file the row comes from) is joined with the cluster assignments on ``prompt_id``: in one
+   task when the pairs fit one partition (``PARTITION_ROWS``), else by Ray Data's hash join,
+   shuffled through local disk. Its write tasks (``ClusterSink``) file the rows by cluster into
+   a scratch folder of the stage and return their counts per (cluster, source) (and each
+   cluster's nearest prompts, for the report), which the driver adds up;
+2. optional near-duplicate removal inside each cluster (``select.dedup_threshold``), one task
+   per cluster, which files the remaining rows and counts them again;
+3. the driver turns the counts into quotas (``hetray.selection.rules.quotas``): O(clusters x
+   sources) numbers;
+4. one task per cluster ranks each cell (cluster and source; the cluster alone without
+   ``stratify``) by (quality, tie, pair_id) and keeps its quota (``rules.cut``), writing the
+   kept ``pair_id``s by preference file. With ``quality_normalization: percentile`` the
+   within-source percentile of every quality comes first (``rules.percentiles``; past one
+   partition, from a distributed sort of the distinct (source, quality) values, joined back);
+5. a streaming pass over ``preferences/`` keeps, file by file, the rows kept for that file and
+   writes ``selected/`` in the input order, with the same schema: same inputs + seed give the
+   same files, byte for byte, and the same files as the driver-side implementation that this
+   one replaced (``tests/selection/test_select_reference.py``). ``selected/`` holds only data
+   (Parquet), its dataset card (``README.md``, ``hetray.datacard``:
+   ``datasets.load_dataset("<run>/selected")`` reads it) and the manifest; the selection report
+   (markdown + plots) goes beside it into ``selected_report/``, an output of the same stage.
 
 **Two readings of the paper for sources without quality** (WinoGrande, WinoBias, WinoGender:
 ``quality`` null on every pair), chosen by ``select.keep_unscored``:
@@ -26,15 +37,22 @@ stratified so every source keeps its share (paper 2.4, 2.5, A.3).
   scored sources are cut to ``fraction`` per cluster (with ``stratify``, per cluster and source;
   without, per cluster over the scored sources only). The manifest lists them in ``kept_whole``.
 
-Memory: the driver holds the narrow view, about 80 bytes a pair (10M pairs: ~0.8 GB), never
-the texts. Ray shuffles (join, group-by) would bound that too, but on one machine they cost
-minutes of actor start-up for what a vectorised sort does in seconds; the narrow view stops
-fitting on a driver only around a billion pairs.
+Memory: the driver holds O(clusters x sources) numbers and the report's bounded samples (at
+most ``REPORT_SAMPLE`` qualities per source, ``examples_per_cluster`` prompts per cluster), never
+per-pair data. A worker holds one join partition (at most ``PARTITION_ROWS`` pairs, or the
+assignments of as many prompts), one cluster while ranking it (its ranking columns and the
+sort: ~130 MB at its peak for a cluster of a million pairs; that one grows with the cluster;
+with near-duplicate removal, also the cluster's vectors), and the kept ids of one preference
+file while writing. Shuffles past one partition go
+through Ray Data's disk-based shuffle, not the object store. The scratch folder lies in the
+stage's temporary folder under ``run_dir``, so on a multi-node cluster ``run_dir`` must be
+storage that every node sees.
 """
-
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -42,37 +60,381 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-
+import ray
+from ray.data.aggregate import Count
 from ray.data.datasource import Datasink
 
 from hetray.config import JobConfig
 from hetray.datacard import write_empty, write_selected_card
 from hetray.schema import PREFERENCE_SCHEMA, make_id, parquet_files
 from hetray.selection.report import write_report
-from hetray.selection.rules import near_duplicates, order, quotas, ranking, tie_hash, unscored_sources
+from hetray.selection.rules import cut, near_duplicates, order, percentiles, quotas, ranking, tie_hash
 from hetray.stage import Stage, read_manifest, require_ray, run_stage
 
 log = logging.getLogger(__name__)
 
-REPORT_SAMPLE = 200_000  # qualities per source kept for the report's histograms
+REPORT_SAMPLE = 50_000  # pairs per source in the report's quality histograms (a seeded sample)
+PARTITION_ROWS = 500_000  # pairs per join partition: bounds a worker's share of a join
+SHUFFLE_BATCH_BYTES = 64 << 20  # input a shuffle buffers before partitioning it (Ray's default: 1 GiB)
+ALL = 2**64 - 1  # a sample threshold that takes every pair
+
+
+# ---------------------------------------------------------------------------- the stage
+
+
+def run_select(cfg: JobConfig, force: bool = False, out_name: str = "selected") -> dict:
+    """Select ``D_train`` from the run's pairs and clusters. Returns the select manifest."""
+    run_dir = Path(cfg.run_dir)
+    pref_files = parquet_files(run_dir / "preferences")
+    if not pref_files:
+        raise FileNotFoundError(f"{run_dir / 'preferences'} holds no pairs: run `hetray convert` first")
+    n_pairs = sum(pq.ParquetFile(f).metadata.num_rows for f in pref_files)
+    if n_pairs == 0:
+        raise ValueError(f"{run_dir / 'preferences'} is an empty preference set: nothing to select from")
+    if read_manifest(run_dir / "clusters") is None:
+        raise FileNotFoundError(f"{run_dir / 'clusters'} is missing: run `hetray embed` and `hetray cluster` first")
+    report_name = f"{out_name}_report"  # beside the data, so that the data folder holds data only
+    stage = Stage("select", run_dir, outputs=(out_name, report_name),
+                  config={"seed": cfg.seed, "select": cfg.select.model_dump(mode="json")},
+                  inputs=[run_dir / "preferences", run_dir / "clusters"])
+    return run_stage(stage, lambda tmp: _select(cfg, run_dir, pref_files, n_pairs, tmp / out_name, tmp / report_name,
+                                                tmp.parent / "scratch"), force=force)
+
+
+def _select(cfg: JobConfig, run_dir: Path, pref_files: list[str], n_pairs: int, out: Path, report_dir: Path,
+            scratch: Path) -> dict:
+    require_ray("select")
+    s = cfg.select
+    parts = max(1, math.ceil(n_pairs / PARTITION_ROWS))
+
+    # 1. the narrow view joined with the clusters, filed by cluster; counts per (cluster, source)
+    assign_files = parquet_files(run_dir / "clusters" / "assignments")
+    sink = ClusterSink(str(scratch / "pairs"), s.sources, with_prompt=s.dedup_threshold is not None,
+                       examples=s.examples_per_cluster)
+    _with_clusters(pref_files, assign_files, cfg.seed, parts).write_datasink(sink)
+    counts = sink.counts
+    if int(counts["n"].sum()) != n_pairs:
+        raise RuntimeError(f"{n_pairs - int(counts['n'].sum())} pairs have no cluster assignment: re-run `hetray cluster`")
+    if s.sources is not None:  # e.g. a WinoGrande-only baseline over the shared clusters
+        present = set(counts["source"])
+        unknown = sorted(set(s.sources) - present)
+        if unknown:
+            raise ValueError(
+                f"select.sources: {', '.join(unknown)} not in {run_dir / 'preferences'} "
+                f"(sources there: {', '.join(sorted(present))})"
+            )
+        counts = counts[counts["source"].isin(s.sources)].reset_index(drop=True)
+    n_pairs = int(counts["n"].sum())
+    pairs = scratch / "pairs"
+
+    # 2. near-duplicates, inside each cluster
+    dropped_dup = 0
+    if s.dedup_threshold is not None:
+        emb_files = parquet_files(run_dir / "embeddings")
+        deduped = _per_cluster(pairs, counts).map_batches(
+            _dedup_cluster, batch_size=1, batch_format="pyarrow",
+            fn_kwargs={"emb_files": emb_files, "threshold": s.dedup_threshold, "normalization": s.quality_normalization})
+        counts = _file_by_cluster(deduped, scratch / "deduped", with_prompt=False)
+        pairs = scratch / "deduped"
+        dropped_dup = n_pairs - int(counts["n"].sum())
+
+    # 3. quotas, on the driver, from the counts alone
+    scored = counts.groupby("source")["scored"].sum()
+    whole = sorted(scored.index[scored.to_numpy() == 0]) if s.keep_unscored else []
+    plan = quotas(counts[["cluster", "source", "n"]], s.fraction, s.stratify, keep_whole=whole)
+    cells = ["cluster", "source"] if s.stratify else ["cluster"]
+    keep = plan[~plan["source"].isin(whole)].groupby(cells)["keep"].sum()
+    n_source = counts.groupby("source")["n"].sum()
+    sample_below = {src: ALL if n <= REPORT_SAMPLE else int(REPORT_SAMPLE / n * 2.0**64) for src, n in n_source.items()}
+
+    # 4. rank and cut every cell, one task per cluster; the kept ids by preference file
+    if s.quality_normalization == "percentile":
+        with_pct = _with_percentiles(pairs, scored[scored > 0], parts)
+        _file_by_cluster(with_pct, scratch / "ranked", with_prompt=False)
+        pairs = scratch / "ranked"
+    kept = _per_cluster(pairs, counts).map_batches(
+        _cut_cluster, batch_size=1, batch_format="pyarrow",
+        fn_kwargs={"scratch": str(scratch), "keep": {_cell(k): int(v) for k, v in keep.items()}, "cells": cells,
+                   "whole": whole, "normalization": s.quality_normalization, "sample_below": sample_below},
+    ).to_pandas()
+    if kept.empty:
+        kept = pd.DataFrame({"cluster": pd.Series([], dtype=int), "source": pd.Series([], dtype=str),
+                             "kept": pd.Series([], dtype=int)})
+
+    # 5. the kept rows of every preference file, in the input order
+    _write_selected(pref_files, scratch / "kept", out)
+    table = plan.merge(kept.astype({"cluster": int, "kept": int}), on=["cluster", "source"], how="left")
+    table["kept"] = table["kept"].fillna(0).astype(int)
+    pairs_selected = int(table["kept"].sum())
+    written = sum(pq.ParquetFile(f).metadata.num_rows for f in out.glob("*.parquet"))
+    if written != pairs_selected:
+        raise RuntimeError(f"select kept {pairs_selected} pairs but wrote {written}: is every pair_id of "
+                           f"{run_dir / 'preferences'} unique?")
+    report = write_report(report_dir, cfg, table, _quality_sample(scratch / "sample"),
+                          _examples(sink.nearest, run_dir), sample_size=REPORT_SAMPLE)
+    write_selected_card(out, cfg, table, whole, dropped_dup, PREFERENCE_SCHEMA)
+    log.info("select: kept %d of %d pairs (fraction %s)", pairs_selected, n_pairs, s.fraction)
+    return {
+        "pairs_in": n_pairs,
+        "pairs_selected": pairs_selected,
+        "dropped_near_duplicates": dropped_dup,
+        "kept_whole": whole,
+        "n_clusters": int(cfg.cluster.n_clusters),
+        "cells": table.to_dict(orient="records"),
+        "report": report,
+    }
+
+
+# ---------------------------------------------------------------------------- 1. narrow view, by cluster
+
+
+def _file_key(path: str) -> str:
+    """A preference file's folder name among the kept ids: stable, derived from its path."""
+    return make_id(path)
 
 
 def _narrow(batch: pa.Table, seed: int) -> pa.Table:
-    pair_ids = batch["pair_id"].to_pylist()
+    paths = pc.unique(batch["path"])
+    keys = pa.array([_file_key(p) for p in paths.to_pylist()], pa.string())
+    q = batch["quality"]
+    q = pc.if_else(pc.is_nan(q), pa.scalar(None, pa.float64()), pc.add(q, 0.0))  # NaN: no score; -0.0 == 0.0
     return pa.table(
         {
+            "file": keys.take(pc.index_in(batch["path"], value_set=paths)),
             "pair_id": batch["pair_id"],
             "prompt_id": [make_id(p) for p in batch["prompt"].to_pylist()],
             "source": batch["source"],
-            "quality": batch["quality"],
-            "tie": pa.array(tie_hash(pair_ids, seed), pa.uint64()),
+            "quality": q,
+            "tie": pa.array(tie_hash(batch["pair_id"].to_pylist(), seed), pa.uint64()),
         }
     )
 
 
-def _keep_selected(batch: pa.Table, ids) -> pa.Table:
-    return batch.filter(pc.is_in(batch["pair_id"], value_set=ids))
+NARROW = pa.schema([("file", pa.string()), ("pair_id", pa.string()), ("prompt_id", pa.string()),
+                    ("source", pa.string()), ("quality", pa.float64()), ("tie", pa.uint64()), ("cluster", pa.int32())])
+
+
+def _with_clusters(pref_files: list[str], assign_files: list[str], seed: int, parts: int):
+    """The narrow view joined with the cluster assignments (``cluster``, ``distance``) on
+    ``prompt_id``. Pairs that fit one partition meet their clusters in one task (a broadcast
+    join: the task reads the assignments, at most one per pair); more pairs take Ray Data's
+    hash join, shuffled through local disk (Ray Data's disk-based shuffle: the shards wait in
+    files, served to the reducers over Arrow Flight, not in the object store), so that memory
+    stays flat however many pairs there are."""
+    narrow = ray.data.read_parquet(pref_files, include_paths=True)
+    narrow = narrow.select_columns(["pair_id", "prompt", "source", "quality", "path"])
+    narrow = narrow.map_batches(_narrow, fn_kwargs={"seed": seed}, batch_format="pyarrow")
+    if parts == 1:  # the files with their sizes and times: a worker's cached copy is never stale
+        files = tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in assign_files)
+        return narrow.map_batches(_broadcast_join, fn_kwargs={"files": files}, batch_size=None, batch_format="pyarrow")
+    assign = ray.data.read_parquet(assign_files).select_columns(["prompt_id", "cluster", "distance"])
+    joined = narrow.join(assign, "inner", num_partitions=parts, on=("prompt_id",))
+    _disk_shuffle(joined.context)
+    return joined
+
+
+def _disk_shuffle(ctx) -> None:
+    """Shuffle through local files, a bounded batch of input at a time: flat memory at any size."""
+    ctx.use_disk_based_hash_shuffle = True
+    ctx.shuffle_input_batch_bytes = SHUFFLE_BATCH_BYTES
+
+
+@functools.lru_cache(maxsize=1)
+def _assignments(files: tuple) -> pa.Table:
+    return pa.concat_tables(pq.read_table(f, columns=["prompt_id", "cluster", "distance"]) for f, _, _ in files)
+
+
+def _broadcast_join(batch: pa.Table, files: tuple) -> pa.Table:
+    return batch.join(_assignments(files), keys="prompt_id", join_type="inner")
+
+
+class ClusterSink(Datasink):
+    """Files narrow rows by cluster (``<folder>/<cluster>/part-<task>.parquet``, only the rows
+    of ``sources`` when given) and returns, per write task, the rows per (cluster, source) and
+    how many of them have a quality: the counts that the quotas need, aggregated where the rows
+    are. With ``examples``, also each cluster's nearest prompts among the task's rows."""
+
+    def __init__(self, folder: str, sources: list[str] | None = None, with_prompt: bool = True, examples: int = 0):
+        self.folder, self.sources, self.examples = folder, sources, examples
+        self.schema = NARROW if with_prompt else NARROW.remove(NARROW.get_field_index("prompt_id"))
+        self.counts = self.nearest = None
+
+    def write(self, blocks, ctx) -> dict:
+        tables, nearest = [], []
+        for b in blocks:  # the narrow columns (and ``pct`` once the percentiles are joined on)
+            if self.examples:
+                nearest.append(_nearest(b.select(["prompt_id", "cluster", "distance"]), self.examples))
+            schema = self.schema.append(pa.field("pct", pa.float64())) if "pct" in b.column_names else self.schema
+            tables.append(b.select(schema.names).cast(schema))
+        table = pa.concat_tables(tables) if tables else self.schema.empty_table()
+        counts = table.group_by(["cluster", "source"]).aggregate([("pair_id", "count"), ("quality", "count")])
+        if self.sources is not None:
+            table = table.filter(pc.is_in(table["source"], value_set=pa.array(self.sources, pa.string())))
+        table = table.sort_by([("cluster", "ascending")])
+        clusters = table["cluster"].to_numpy()
+        starts = np.flatnonzero(np.r_[True, clusters[1:] != clusters[:-1]]) if len(clusters) else []
+        for a, b in zip(starts, [*starts[1:], len(clusters)]):
+            folder = os.path.join(self.folder, str(int(clusters[a])))
+            os.makedirs(folder, exist_ok=True)
+            pq.write_table(table.slice(a, b - a), os.path.join(folder, f"part-{ctx.task_idx:05d}.parquet"))
+        return {"counts": counts, "nearest": pd.concat(nearest) if nearest else None}
+
+    def on_write_complete(self, write_result) -> None:
+        parts = [r["counts"] for r in write_result.write_returns if r["counts"].num_rows]
+        total = pa.concat_tables(parts).group_by(["cluster", "source"]).aggregate(
+            [("pair_id_count", "sum"), ("quality_count", "sum")]) if parts else None
+        self.counts = pd.DataFrame({
+            "cluster": total["cluster"].to_numpy().astype(int) if total else [],
+            "source": total["source"].to_pylist() if total else [],
+            "n": total["pair_id_count_sum"].to_numpy().astype(int) if total else [],
+            "scored": total["quality_count_sum"].to_numpy().astype(int) if total else [],
+        }).sort_values(["cluster", "source"], ignore_index=True)
+        nearest = [r["nearest"] for r in write_result.write_returns if r["nearest"] is not None]
+        if self.examples and nearest:
+            self.nearest = _nearest(pa.Table.from_pandas(pd.concat(nearest), preserve_index=False), self.examples)
+
+
+def _file_by_cluster(ds, folder: Path, with_prompt: bool = True) -> pd.DataFrame:
+    """Write ``ds`` (narrow rows) by cluster into ``folder``; its counts per (cluster, source)."""
+    sink = ClusterSink(str(folder), with_prompt=with_prompt)
+    ds.write_datasink(sink)
+    return sink.counts
+
+
+def _per_cluster(folder: Path, counts: pd.DataFrame):
+    """One row per cluster (its folder of narrow rows): the input of the per-cluster tasks."""
+    clusters = sorted(set(int(c) for c in counts["cluster"]))
+    items = [{"folder": str(folder / str(c)), "cluster": c} for c in clusters]
+    return ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 200)))
+
+
+def _read_cluster(folder: str) -> pa.Table:
+    return pq.read_table(folder) if os.path.isdir(folder) else NARROW.empty_table()
+
+
+# ---------------------------------------------------------------------------- 2. near-duplicates
+
+
+def _dedup_cluster(item: pa.Table, emb_files: list[str], threshold: float, normalization: str) -> pa.Table:
+    """Near-duplicate removal inside one cluster, best pairs first (see rules.near_duplicates)."""
+    group = _read_cluster(item["folder"][0].as_py())
+    ids = pc.unique(group["prompt_id"])
+    vecs = pads.dataset(emb_files).to_table(columns=["prompt_id", "vector"], filter=pc.field("prompt_id").isin(ids))
+    at = pc.index_in(group["prompt_id"], value_set=vecs["prompt_id"])
+    if at.null_count:
+        missing = group["prompt_id"].filter(pc.is_null(at))[0].as_py()
+        raise RuntimeError(f"prompt {missing} of cluster {item['cluster'][0]} has no embedding: re-run `hetray embed`")
+    ranked = order(ranking(group.to_pandas(), normalization))
+    rows = ranked.index.to_numpy()
+    vectors = np.stack(vecs["vector"].to_numpy(zero_copy_only=False))[at.to_numpy()[rows]]
+    return group.take(pa.array(rows[near_duplicates(vectors, threshold)]))
+
+
+# ---------------------------------------------------------------------------- 4. ranking and cut
+
+
+def _with_percentiles(folder: Path, scored: pd.Series, parts: int):
+    """The narrow rows of ``folder`` plus ``pct``: each quality's percentile within its source
+    (pandas' rank, method "average", pct=True), null for unscored pairs. Pairs that fit one
+    partition get it in one task. More pairs: the distinct (source, quality) values are counted
+    and sorted on Ray Data; a running count per source over the sorted blocks (O(blocks x
+    sources) numbers on the driver) gives each value the pairs below it (``rules.percentiles``),
+    and a join brings the percentiles back to the pairs."""
+    n_scored = {src: int(n) for src, n in scored.items()}
+    rows = ray.data.read_parquet(str(folder))
+    if parts == 1:
+        return rows.repartition(1).map_batches(_percentiles_in_one, fn_kwargs={"n_scored": n_scored}, batch_size=None,
+                                               batch_format="pyarrow")
+    _disk_shuffle(rows.context)
+    values = (rows.map_batches(_scored_only, batch_format="pyarrow")
+              .groupby(["source", "quality"], num_partitions=parts).aggregate(Count(alias_name="dups"))
+              .sort(["source", "quality"]).materialize())
+    refs = values.to_arrow_refs()
+    below, running = [], {}
+    for block in ray.get([_per_source.remote(r) for r in refs]):
+        below.append(dict(running))
+        for src, n in block.items():
+            running[src] = running.get(src, 0) + n
+    pct = ray.data.from_arrow_refs([_block_percentiles.remote(r, b, n_scored) for r, b in zip(refs, below)])
+    return rows.join(pct, "left_outer", num_partitions=parts, on=("source", "quality"))
+
+
+def _percentiles_in_one(rows: pa.Table, n_scored: dict) -> pa.Table:
+    values = _scored_only(rows).group_by(["source", "quality"]).aggregate([("quality", "count")])
+    values = values.select(["source", "quality", "quality_count"]).rename_columns(["source", "quality", "dups"])
+    values = values.sort_by([("source", "ascending"), ("quality", "ascending")])
+    return rows.join(percentiles(values, {}, n_scored), keys=["source", "quality"], join_type="left outer")
+
+
+def _scored_only(batch: pa.Table) -> pa.Table:
+    return batch.select(["source", "quality"]).filter(pc.is_valid(batch["quality"]))
+
+
+@ray.remote
+def _per_source(block: pa.Table) -> dict:
+    t = block.group_by("source").aggregate([("dups", "sum")])
+    return dict(zip(t["source"].to_pylist(), t["dups_sum"].to_pylist()))
+
+
+@ray.remote
+def _block_percentiles(block: pa.Table, below: dict, n_scored: dict) -> pa.Table:
+    return percentiles(block, below, n_scored)
+
+
+def _cell(key) -> tuple:
+    """A cell of the quota map: ``(cluster, source)``, or ``(cluster,)`` without ``stratify``."""
+    key = key if isinstance(key, tuple) else (key,)
+    return tuple(int(k) if isinstance(k, (int, np.integer)) else str(k) for k in key)
+
+
+def _cut_cluster(item: pa.Table, scratch: str, keep: dict, cells: list[str], whole: list[str], normalization: str,
+                 sample_below: dict) -> pa.Table:
+    """Rank and cut the cells of one cluster (``rules.cut``). Writes the kept ids by preference
+    file (``kept/<file key>/<cluster>.parquet``) and the report's sample
+    (``sample/<cluster>.parquet``); returns the kept pairs per (cluster, source)."""
+    cluster = item["cluster"][0].as_py()
+    columns = ["file", "pair_id", "source", "quality", "tie"] + (["pct"] if normalization == "percentile" else [])
+    group = pq.read_table(item["folder"][0].as_py(), columns=columns, read_dictionary=["file", "source"])
+    group = group.unify_dictionaries().combine_chunks()
+    by_source = "source" in cells
+    quota = ({src: n for (c, src), n in keep.items() if c == cluster} if by_source else keep.get((cluster,), 0))
+    kept, sampled = cut(group, quota, by_source, whole, normalization, sample_below)
+    ids = group.select(["file", "pair_id", "source"]).filter(pa.array(kept))
+    for key in ids["file"].chunk(0).dictionary.to_pylist() if ids.num_rows else []:
+        part = ids.filter(pc.equal(ids["file"], key))
+        if part.num_rows:
+            os.makedirs(os.path.join(scratch, "kept", key), exist_ok=True)
+            pq.write_table(part.select(["pair_id"]), os.path.join(scratch, "kept", key, f"{cluster}.parquet"))
+    sample = group.select(["source", "quality", "tie", "pair_id"]).append_column("kept", pa.array(kept)).filter(
+        pa.array(sampled))
+    os.makedirs(os.path.join(scratch, "sample"), exist_ok=True)
+    pq.write_table(sample.cast(sample.schema.set(0, pa.field("source", pa.string()))),
+                   os.path.join(scratch, "sample", f"{cluster}.parquet"))
+    per_source = ids.group_by("source").aggregate([("pair_id", "count")])
+    return pa.table({"cluster": pa.array([cluster] * per_source.num_rows, pa.int64()),
+                     "source": per_source["source"].cast(pa.string()), "kept": per_source["pair_id_count"]})
+
+
+# ---------------------------------------------------------------------------- 5. the selected rows
+
+
+@functools.lru_cache(maxsize=4)
+def _kept_ids(kept_dir: str, key: str) -> pa.Array:
+    folder = os.path.join(kept_dir, key)
+    if not os.path.isdir(folder):
+        return pa.array([], pa.string())
+    return pq.read_table(folder, columns=["pair_id"])["pair_id"].combine_chunks()
+
+
+def _keep_selected(batch: pa.Table, kept_dir: str) -> pa.Table:
+    """The rows of ``batch`` whose pair_id was kept for their preference file."""
+    mask = pa.array(np.zeros(batch.num_rows, bool))
+    for path in pc.unique(batch["path"]).to_pylist():
+        ids = _kept_ids(kept_dir, _file_key(path))
+        mask = pc.or_(mask, pc.and_(pc.equal(batch["path"], path), pc.is_in(batch["pair_id"], value_set=ids)))
+    return batch.filter(mask).drop_columns(["path"])
 
 
 class OrderedParquetSink(Datasink):
@@ -91,71 +453,13 @@ class OrderedParquetSink(Datasink):
         return rows
 
 
-def run_select(cfg: JobConfig, force: bool = False, out_name: str = "selected") -> dict:
-    """Select ``D_train`` from the run's pairs and clusters. Returns the select manifest."""
-    run_dir = Path(cfg.run_dir)
-    pref_files = parquet_files(run_dir / "preferences")
-    if not pref_files:
-        raise FileNotFoundError(f"{run_dir / 'preferences'} holds no pairs: run `hetray convert` first")
-    n_pairs = sum(pq.ParquetFile(f).metadata.num_rows for f in pref_files)
-    if n_pairs == 0:
-        raise ValueError(f"{run_dir / 'preferences'} is an empty preference set: nothing to select from")
-    if read_manifest(run_dir / "clusters") is None:
-        raise FileNotFoundError(f"{run_dir / 'clusters'} is missing: run `hetray embed` and `hetray cluster` first")
-    report_name = f"{out_name}_report"  # beside the data, so that the data folder holds data only
-    stage = Stage("select", run_dir, outputs=(out_name, report_name),
-                  config={"seed": cfg.seed, "select": cfg.select.model_dump(mode="json")},
-                  inputs=[run_dir / "preferences", run_dir / "clusters"])
-    return run_stage(stage, lambda tmp: _select(cfg, run_dir, pref_files, n_pairs, tmp / out_name, tmp / report_name),
-                     force=force)
-
-
-def _select(cfg: JobConfig, run_dir: Path, pref_files: list[str], n_pairs: int, out: Path, report_dir: Path) -> dict:
-    import ray
-
-    require_ray("select")
-    s = cfg.select
-    narrow = ray.data.read_parquet(pref_files).select_columns(["pair_id", "prompt", "source", "quality"])
-    narrow = narrow.map_batches(_narrow, fn_kwargs={"seed": cfg.seed}, batch_format="pyarrow")
-    narrow = pa.concat_tables(ray.get(narrow.to_arrow_refs()))
-    assign = pq.ParquetDataset(parquet_files(run_dir / "clusters" / "assignments")).read(
-        columns=["prompt_id", "cluster", "distance"]
-    )
-    joined = narrow.join(assign.select(["prompt_id", "cluster"]), keys="prompt_id", join_type="inner").to_pandas()
-    if len(joined) != n_pairs:
-        raise RuntimeError(f"{n_pairs - len(joined)} pairs have no cluster assignment: re-run `hetray cluster`")
-    if s.sources is not None:  # e.g. a WinoGrande-only baseline over the shared clusters
-        present = set(joined["source"].unique())
-        unknown = sorted(set(s.sources) - present)
-        if unknown:
-            raise ValueError(
-                f"select.sources: {', '.join(unknown)} not in {run_dir / 'preferences'} "
-                f"(sources there: {', '.join(sorted(present))})"
-            )
-        joined = joined[joined["source"].isin(s.sources)].reset_index(drop=True)
-        n_pairs = len(joined)
-    dropped_dup = 0
-    if s.dedup_threshold is not None:
-        joined = _dedup(joined, run_dir, s)
-        dropped_dup = n_pairs - len(joined)
-    cells = ["cluster", "source"] if s.stratify else ["cluster"]
-    before = joined.groupby(["cluster", "source"]).size().rename("n").reset_index()
-    whole = unscored_sources(joined) if s.keep_unscored else []
-    plan = quotas(before, s.fraction, s.stratify, keep_whole=whole)
-    is_whole = joined["source"].isin(whole)
-    keep = plan[~plan["source"].isin(whole)].groupby(cells)["keep"].sum()
-    ranked = order(ranking(joined[~is_whole], s.quality_normalization))
-    rank_in_cell = ranked.groupby(cells, sort=False).cumcount()
-    limit = ranked.set_index(cells).index.map(keep).to_numpy()
-    kept_df = pd.concat([ranked[rank_in_cell.to_numpy() < limit], joined[is_whole]], ignore_index=True)
-    ids = pa.array(np.sort(kept_df["pair_id"].to_numpy().astype(str)))
-
+def _write_selected(pref_files: list[str], kept_dir: Path, out: Path) -> None:
     ctx = ray.data.DataContext.get_current()
     preserve = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True
     try:
-        full = ray.data.read_parquet(pref_files)
-        full.map_batches(_keep_selected, fn_kwargs={"ids": ids}, batch_format="pyarrow").write_datasink(
+        full = ray.data.read_parquet(pref_files, include_paths=True)
+        full.map_batches(_keep_selected, fn_kwargs={"kept_dir": str(kept_dir)}, batch_format="pyarrow").write_datasink(
             OrderedParquetSink(str(out), PREFERENCE_SCHEMA)
         )
     finally:
@@ -165,59 +469,38 @@ def _select(cfg: JobConfig, run_dir: Path, pref_files: list[str], n_pairs: int, 
             f.unlink()
     if not any(out.glob("*.parquet")):
         write_empty(out / "train-00000.parquet", PREFERENCE_SCHEMA)
-    after = kept_df.groupby(["cluster", "source"]).size().rename("kept").reset_index()
-    table = plan.merge(after, on=["cluster", "source"], how="left").fillna({"kept": 0})
-    table["kept"] = table["kept"].astype(int)
-    report = write_report(report_dir, cfg, table, _quality_sample(joined, kept_df),
-                          _examples(assign, run_dir, s.examples_per_cluster))
-    write_selected_card(out, cfg, table, whole, dropped_dup, PREFERENCE_SCHEMA)
-    log.info("select: kept %d of %d pairs (fraction %s)", len(kept_df), n_pairs, s.fraction)
-    return {
-        "pairs_in": n_pairs,
-        "pairs_selected": int(len(kept_df)),
-        "dropped_near_duplicates": dropped_dup,
-        "kept_whole": whole,
-        "n_clusters": int(cfg.cluster.n_clusters),
-        "cells": table.to_dict(orient="records"),
-        "report": report,
-    }
 
 
-def _dedup(joined: pd.DataFrame, run_dir: Path, s) -> pd.DataFrame:
-    """Near-duplicate removal inside each cluster, best pairs first (see quotas.near_duplicates)."""
-    kept = []
-    files = parquet_files(run_dir / "embeddings")
-    for cluster, group in joined.groupby("cluster", sort=True):
-        ids = pa.array(group["prompt_id"].unique())
-        vecs = {}
-        for f in files:
-            t = pq.read_table(f, columns=["prompt_id", "vector"], filters=pc.is_in(pc.field("prompt_id"), value_set=ids))
-            vecs.update(zip(t["prompt_id"].to_pylist(), t["vector"].to_numpy(zero_copy_only=False)))
-        ranked = order(ranking(group, s.quality_normalization))
-        mask = near_duplicates(np.stack([vecs[p] for p in ranked["prompt_id"]]), s.dedup_threshold)
-        kept.append(ranked.loc[mask].drop(columns=["score"]))
-    return pd.concat(kept, ignore_index=True)
+# ---------------------------------------------------------------------------- the report's inputs
 
 
-def _quality_sample(joined: pd.DataFrame, kept_df: pd.DataFrame) -> pd.DataFrame:
-    """Qualities before (a seeded sample of at most REPORT_SAMPLE per source) and after."""
-    before = joined.sort_values("tie").groupby("source").head(REPORT_SAMPLE)[["source", "quality"]]
-    after = kept_df[["source", "quality"]]
-    return pd.concat([before.assign(set="before"), after.assign(set="after")], ignore_index=True)
+def _quality_sample(folder: Path) -> pd.DataFrame:
+    """Qualities before (a seeded sample of at most about REPORT_SAMPLE pairs per source) and
+    after (those of the sample that were kept)."""
+    files = parquet_files(folder)
+    if not files:
+        return pd.DataFrame({"source": [], "quality": [], "set": []})
+    rows = pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
+    rows = rows.sort_values(["source", "tie", "pair_id"], ignore_index=True)
+    before = rows[["source", "quality"]].assign(set="before")
+    after = rows.loc[rows["kept"], ["source", "quality"]].assign(set="after")
+    return pd.concat([before, after], ignore_index=True)
 
 
-def _examples(assign: pa.Table, run_dir: Path, n: int) -> dict:
-    """The ``n`` prompts nearest each centroid."""
-    if n == 0:
+def _nearest(rows: pa.Table, n: int) -> pd.DataFrame:
+    """The ``n`` distinct prompts nearest each cluster's centroid among ``rows``."""
+    near = rows.to_pandas().drop_duplicates("prompt_id").sort_values(["cluster", "distance", "prompt_id"])
+    return near.groupby("cluster").head(n)
+
+
+def _examples(nearest: pd.DataFrame | None, run_dir: Path) -> dict:
+    """The texts of the prompts nearest each centroid (``ClusterSink`` found them)."""
+    if nearest is None:
         return {}
-    nearest = (
-        assign.to_pandas().sort_values(["cluster", "distance", "prompt_id"]).groupby("cluster").head(n)
-    )
-    ids = pa.array(nearest["prompt_id"].tolist())
-    texts = {}
-    for f in parquet_files(run_dir / "embeddings"):
-        t = pq.read_table(f, columns=["prompt_id", "prompt"], filters=pc.is_in(pc.field("prompt_id"), value_set=ids))
-        texts.update(zip(t["prompt_id"].to_pylist(), t["prompt"].to_pylist()))
+    ids = pa.array(nearest["prompt_id"].tolist(), pa.string())
+    texts = pads.dataset(parquet_files(run_dir / "embeddings")).to_table(
+        columns=["prompt_id", "prompt"], filter=pc.field("prompt_id").isin(ids))
+    texts = dict(zip(texts["prompt_id"].to_pylist(), texts["prompt"].to_pylist()))
     out: dict = {}
     for r in nearest.itertuples():
         out.setdefault(int(r.cluster), []).append(texts.get(r.prompt_id, ""))

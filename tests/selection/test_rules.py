@@ -2,9 +2,11 @@
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
-from hetray.selection.rules import near_duplicates, order, quotas, ranking, tie_hash, top_of_cell, unscored_sources
+from hetray.selection.rules import (cut, near_duplicates, order, percentiles, quotas, ranking, tie_hash, top_of_cell,
+                                    unscored_sources)
 
 
 def counts(rows):
@@ -96,3 +98,72 @@ def test_quotas_keep_whole_and_unscored_sources():
     df = pd.DataFrame({"source": ["oasst", "oasst", "wg", "wg", "mixed", "mixed"],
                        "quality": [0.5, 0.1, None, None, None, 0.3]})
     assert unscored_sources(df) == ["wg"]  # one scored pair makes a source scored
+
+
+# ---------------------------------------------------------------------------- the distributed forms
+
+
+def _frame(rng, n, sources=("tox", "rank", "wg")):
+    ids = [f"p{i:05d}" for i in range(n)]
+    src = rng.choice(list(sources), n)
+    q = np.round(rng.random(n) * 4, 1)  # few levels: many ties
+    q[(src == "wg") | (rng.random(n) < 0.1)] = np.nan  # wg unscored; some unscored rows elsewhere
+    return pd.DataFrame({"pair_id": ids, "source": src, "quality": q, "cluster": rng.integers(0, 3, n).astype(np.int32),
+                         "tie": tie_hash(ids, 5), "file": np.uint64(7)})
+
+
+def _percentile_table(df):
+    """What the stage feeds ``cut``: the frame plus ``pct`` from ``percentiles`` over two blocks."""
+    scored = df.dropna(subset=["quality"])
+    values = scored.groupby(["source", "quality"]).size().rename("dups").reset_index()
+    t = pa.Table.from_pandas(values, preserve_index=False)
+    n_scored = scored.groupby("source").size().to_dict()
+    half = len(t) // 2  # the stage hands the sorted values over block by block
+    below = t.slice(0, half).to_pandas().groupby("source")["dups"].sum().to_dict()
+    pct = pa.concat_tables([percentiles(t.slice(0, half), {}, n_scored), percentiles(t.slice(half), below, n_scored)])
+    return df.merge(pct.to_pandas(), on=["source", "quality"], how="left")
+
+
+def test_percentiles_are_pandas_rank_bit_for_bit():
+    df = _frame(np.random.default_rng(2), 3000)
+    got = _percentile_table(df).set_index("pair_id")["pct"]
+    want = df.set_index("pair_id")["quality"].groupby(df.set_index("pair_id")["source"]).rank(pct=True, method="average")
+    scored = df["quality"].notna().to_numpy()
+    assert np.array_equal(got.to_numpy()[scored], want.to_numpy()[scored])  # exact, not approx
+    assert got.isna().to_numpy()[~scored].all()
+
+
+@pytest.mark.parametrize("normalization,stratify", [("none", True), ("none", False), ("percentile", True),
+                                                    ("percentile", False)])
+def test_cut_keeps_what_the_whole_frame_ranking_keeps(normalization, stratify):
+    df = _frame(np.random.default_rng(3), 2000)
+    cells = ["cluster", "source"] if stratify else ["cluster"]
+    plan = quotas(df.groupby(["cluster", "source"]).size().rename("n").reset_index(), 0.3, stratify)
+    keep = plan.groupby(cells)["keep"].sum()
+    # reference: one ranking of the whole frame, the top of each cell
+    ranked = order(ranking(df, normalization))
+    want = set(ranked[ranked.groupby(cells, sort=False).cumcount().to_numpy()
+                      < ranked.set_index(cells).index.map(keep).to_numpy()]["pair_id"])
+    table = _percentile_table(df) if normalization == "percentile" else df
+    got, sampled = set(), 0
+    for c, cluster in table.groupby("cluster"):  # one cluster at a time, in a scrambled row order
+        cluster = cluster.sample(frac=1, random_state=0)
+        quota = keep[c].to_dict() if stratify else int(keep[c])
+        k, s = cut(pa.Table.from_pandas(cluster, preserve_index=False), quota, stratify, [], normalization,
+                   {src: 2**63 for src in ("tox", "rank", "wg")})
+        got |= set(cluster["pair_id"][k])
+        sampled += s.sum()
+    assert got == want and len(got) == plan["keep"].sum()
+    assert 0.4 * len(df) < sampled < 0.6 * len(df)  # tie <= 2**63: about half the pairs
+
+
+def test_cut_keeps_whole_sources_whole():
+    df = _frame(np.random.default_rng(4), 300)
+    cluster = df[df["cluster"] == 0].reset_index(drop=True)
+    kept, sampled = cut(pa.Table.from_pandas(cluster, preserve_index=False), 5, False, ["wg"], "none",
+                        {"tox": 0, "rank": 0, "wg": 2**64 - 1})
+    assert (cluster["source"][kept] == "wg").sum() == (cluster["source"] == "wg").sum()
+    assert (cluster["source"][kept] != "wg").sum() == 5
+    best = order(ranking(cluster[cluster["source"] != "wg"])).head(5)["pair_id"]
+    assert set(cluster["pair_id"][kept & (cluster["source"] != "wg").to_numpy()]) == set(best)
+    assert set(cluster["pair_id"][sampled]) == set(cluster["pair_id"][cluster["source"] == "wg"])  # tie <= 0: none
