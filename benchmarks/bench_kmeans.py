@@ -228,7 +228,7 @@ def bench(n: int, configs: list[dict], backends=BACKENDS) -> list[dict]:
         for b in backends:
             h = row[f"hetray_{b}"]
             for ref in ("sklearn", "faiss"):
-                if ref in row:
+                if isinstance(row.get(ref), dict):  # "sklearn": False in a config means left out
                     row[f"time_{b}_over_{ref}"] = round(h["wall_s"] / row[ref]["wall_s"], 3)
                     row[f"inertia_{b}_over_{ref}"] = round(h["inertia"] / row[ref]["inertia"], 5)
             row[f"pass_{b}_over_faiss_iter"] = round(h["s_per_pass"] / max(row["faiss"]["s_per_iter"], 1e-9), 3)
@@ -250,7 +250,7 @@ def markdown(rows: list[dict], backends=BACKENDS) -> str:
     lines = []
     for r in rows:
         for name in [f"hetray_{b}" for b in backends] + ["sklearn", "faiss"]:
-            if name not in r:
+            if not isinstance(r.get(name), dict):
                 continue
             x = r[name]
             b = name.removeprefix("hetray_")

@@ -117,7 +117,7 @@ STAGE = textwrap.dedent(
     """
 )
 
-MEASURED = ("wall_s", "peak_mem_mib", "load_avg_1min_during", "load_avg_1min_after")
+MEASURED = ("wall_s", "peak_mem_mib", "peak_by_process_mib", "load_avg_1min_during", "load_avg_1min_after")
 
 
 def one_size(n: int, work: Path, object_store: int, partition_rows: str) -> dict:
@@ -151,6 +151,27 @@ def one_size(n: int, work: Path, object_store: int, partition_rows: str) -> dict
     return res
 
 
+def breakdown(runs: list[dict]) -> str:
+    """Where select's peak lies: PSS at the peak moment by process (the driver, Ray worker
+    processes by their current title, Ray's own daemons)."""
+    if not all("peak_by_process_mib" in r["select"] for r in runs):
+        return ""
+    daemons = ("gcs_server", "raylet", "python", "ray::_StatsActor", "ray::_AutoscalingCoordinatorActor",
+               "ray::DashboardAgent", "ray::RuntimeEnvAgent")
+    lines = ["At select's peak, PSS by process (MiB): driver / Ray worker processes (tasks, actors, idle "
+             "workers that keep what their last tasks allocated) / Ray's daemons (GCS, raylet, dashboard, "
+             "log monitor, stats actors), and the largest worker processes:", ""]
+    for r in runs:
+        parts = r["select"]["peak_by_process_mib"]
+        driver = parts.get("driver", 0)
+        own = sum(v for k, v in parts.items() if k.startswith(daemons) or k.startswith("ray-dashboard"))
+        workers = {k: v for k, v in parts.items() if k != "driver" and not (k.startswith(daemons) or k.startswith("ray-dashboard"))}
+        top = ", ".join(f"{k} {v:g}" for k, v in sorted(workers.items(), key=lambda kv: -kv[1])[:4])
+        lines.append(f"- {r['pairs']:,} pairs: driver {driver:g} / workers {sum(workers.values()):.0f} / "
+                     f"daemons {own:.0f} (largest: {top})")
+    return "\n".join(lines) + "\n\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000], help="pairs per run")
@@ -161,6 +182,8 @@ def main() -> None:
     args = p.parse_args()
     load_before = [round(x, 2) for x in os.getloadavg()]
     runs = []
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     for n in args.sizes:
         work = Path(tempfile.mkdtemp(prefix=f"hetray-bench-select-{n}-", dir=args.workdir))
         try:
@@ -195,6 +218,7 @@ def main() -> None:
         f"{rows}\n\n"
         f"select peak memory ratio {ratio}: **{res['select_peak_ratio']}** (goal <= 1.2); "
         f"driver peak RSS ratio: **{res['select_driver_ratio']}**.\n\n"
+        + breakdown(runs) +
         "Peak memory: PSS of the whole process tree of one stage (driver, raylet, GCS, workers; Ray's "
         f"object store capped at {args.object_store_mib} MiB; {res['partition_rows']:,} pairs per join partition: "
         "more than one partition joins through Ray Data's disk-based shuffle), sampled every 0.5 s; driver peak RSS: the "

@@ -36,32 +36,42 @@ def machine() -> dict:
     }
 
 
-def _tree_pss(proc: psutil.Process) -> int:
+def _tree_pss(proc: psutil.Process, parts: dict | None = None) -> int:
     """Proportional set size of a process and all its descendants (shared pages split fairly,
-    so Ray's shared-memory object store is not counted once per worker)."""
+    so Ray's shared-memory object store is not counted once per worker). With ``parts``, also
+    fills it with the PSS of each process by name (Ray sets ``ray::<task>`` titles)."""
     total = 0
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            total += p.memory_full_info().pss
+            pss = p.memory_full_info().pss
+            total += pss
+            if parts is not None:
+                name = p.name() if p is not proc else "driver"
+                parts[name] = parts.get(name, 0) + pss
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return total
 
 
 def run_measured(cmd: list[str], env: dict | None = None, interval: float = 0.5) -> dict:
-    """Run ``cmd``; return its wall time, exit code, and the peak PSS of its process tree."""
+    """Run ``cmd``; return its wall time, exit code, the peak PSS of its process tree and, at
+    that peak, the PSS per process name (MiB)."""
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ps = psutil.Process(proc.pid)
     peak = 0
+    at_peak: dict = {}
     loads: list[float] = []
     stop = threading.Event()
 
     def sample():
-        nonlocal peak
+        nonlocal peak, at_peak
         while not stop.is_set():
             try:
-                peak = max(peak, _tree_pss(ps))
+                parts: dict = {}
+                now = _tree_pss(ps, parts)
+                if now > peak:
+                    peak, at_peak = now, parts
             except psutil.NoSuchProcess:
                 break
             loads.append(os.getloadavg()[0])
@@ -79,6 +89,7 @@ def run_measured(cmd: list[str], env: dict | None = None, interval: float = 0.5)
     return {
         "wall_s": round(wall, 2),
         "peak_mem_mib": round(peak / 2**20, 1),
+        "peak_by_process_mib": {k: round(v / 2**20, 1) for k, v in sorted(at_peak.items(), key=lambda kv: -kv[1])},
         "load_avg_1min_after": round(os.getloadavg()[0], 2),  # above the core count: contended
         "load_avg_1min_during": {"min": round(min(loads), 2), "mean": round(sum(loads) / len(loads), 2),
                                  "max": round(max(loads), 2)} if loads else None,

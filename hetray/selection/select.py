@@ -231,14 +231,20 @@ def _with_clusters(pref_files: list[str], assign_files: list[str], seed: int, pa
         return narrow.map_batches(_broadcast_join, fn_kwargs={"files": files}, batch_size=None, batch_format="pyarrow")
     assign = ray.data.read_parquet(assign_files).select_columns(["prompt_id", "cluster", "distance"])
     joined = narrow.join(assign, "inner", num_partitions=parts, on=("prompt_id",))
-    _disk_shuffle(joined.context)
+    _disk_shuffle(joined.context, parts)
     return joined
 
 
-def _disk_shuffle(ctx) -> None:
-    """Shuffle through local files, a bounded batch of input at a time: flat memory at any size."""
+def _disk_shuffle(ctx, parts: int) -> None:
+    """Shuffle through local files, a bounded batch of input at a time: flat memory at any size.
+
+    The aggregator actors (one process each, ~200 MB) are capped at one per CPU of the cluster:
+    Ray's default, min(partitions, 2 x CPUs), grows with the data until the cluster is full
+    (2 aggregators at 1M pairs, 4 at 10M on 2 CPUs), which made the stage's peak grow with n."""
     ctx.use_disk_based_hash_shuffle = True
     ctx.shuffle_input_batch_bytes = SHUFFLE_BATCH_BYTES
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+    ctx.max_hash_shuffle_aggregators = max(1, min(parts, cpus))
 
 
 @functools.lru_cache(maxsize=1)
@@ -347,7 +353,7 @@ def _with_percentiles(folder: Path, scored: pd.Series, parts: int):
     if parts == 1:
         return rows.repartition(1).map_batches(_percentiles_in_one, fn_kwargs={"n_scored": n_scored}, batch_size=None,
                                                batch_format="pyarrow")
-    _disk_shuffle(rows.context)
+    _disk_shuffle(rows.context, parts)
     values = (rows.map_batches(_scored_only, batch_format="pyarrow")
               .groupby(["source", "quality"], num_partitions=parts).aggregate(Count(alias_name="dups"))
               .sort(["source", "quality"]).materialize())
