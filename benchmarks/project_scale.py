@@ -68,7 +68,7 @@ def main() -> None:
         lines.append(
             f"| {stage} | " + " / ".join(f"{w:g}" for w in walls) + " | " + " / ".join(f"{p:g}" for p in peaks)
             + f" | {a:.1f} | {b * 1e6 * MACHINE_CPUS:.2f} | {growth:.2f} | "
-            + " | ".join(f"{proj[t]['here_s'] / 3600:.1f} h / {proj[t]['cluster_s'] / 60:.0f} min" for t in TARGETS)
+            + " | ".join(f"{proj[t]['here_s'] / 3600:.1f} h / {proj[t]['cluster_s'] / 60:.1f} min" for t in TARGETS)
             + " | " + " / ".join(f"{proj[t]['peak_mib_if_growth_holds'] / 1024:.1f}" for t in TARGETS) + " |")
     bottleneck = max(STAGES, key=lambda s: out["stages"][s]["projection"][TARGETS[-1]]["cluster_s"])
     out["bottleneck_without_embed"] = bottleneck
@@ -90,15 +90,17 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|",
         *lines,
         "",
-        f"Sum of the three stages on the cluster: 100M pairs ~{total[TARGETS[0]] / 60:.0f} min, "
-        f"1B pairs ~{total[TARGETS[1]] / 60:.0f} min (lower bounds; embedding excluded). Bottleneck among them at 1B: "
+        f"Sum of the three stages on the cluster: 100M pairs ~{total[TARGETS[0]] / 60:.1f} min, "
+        f"1B pairs ~{total[TARGETS[1]] / 60:.1f} min (lower bounds; embedding excluded). Bottleneck among them at 1B: "
         f"**{bottleneck}**.",
     ]
     if embed:
         md += ["", f"Embedding (excluded above; one distinct prompt per four pairs in this data): "
                f"{embed['sentences_per_s_cpu']} prompts/s on {embed['cpus']:g} CPU cores here "
                f"({embed['n']:,} prompts, `{embed['command']}`), so 25M distinct prompts (100M pairs) would be "
-               f"~{25e6 / embed['sentences_per_s_cpu'] / 3600:.0f} core-pair hours on CPU; no GPU rate was measured "
+               f"~{25e6 / embed['sentences_per_s_cpu'] / 3600:.0f} hours on these {embed['cpus']:g} cores "
+               f"(~{25e6 / embed['sentences_per_s_cpu'] * embed['cpus'] / CLUSTER['cpus'] / 3600:.1f} h on the cluster's "
+               f"{CLUSTER['cpus']} CPUs at the same rate per core); no GPU rate was measured "
                "(no GPU was lent): embedding is the stage to put on the GPUs and the real bottleneck of a "
                "CPU-only run."]
     write_results("project_scale", out, "\n".join(md))
