@@ -157,15 +157,15 @@ def breakdown(runs: list[dict]) -> str:
     if not all("peak_by_process_mib" in r["select"] for r in runs):
         return ""
     daemons = ("gcs_server", "raylet", "python", "ray::_StatsActor", "ray::_AutoscalingCoordinatorActor",
-               "ray::DashboardAgent", "ray::RuntimeEnvAgent")
+               "ray::DashboardAgent", "ray::RuntimeEnvAgent", "ray-dashboard")
     lines = ["At select's peak, PSS by process (MiB): driver / Ray worker processes (tasks, actors, idle "
              "workers that keep what their last tasks allocated) / Ray's daemons (GCS, raylet, dashboard, "
              "log monitor, stats actors), and the largest worker processes:", ""]
     for r in runs:
         parts = r["select"]["peak_by_process_mib"]
         driver = parts.get("driver", 0)
-        own = sum(v for k, v in parts.items() if k.startswith(daemons) or k.startswith("ray-dashboard"))
-        workers = {k: v for k, v in parts.items() if k != "driver" and not (k.startswith(daemons) or k.startswith("ray-dashboard"))}
+        own = sum(v for k, v in parts.items() if k.startswith(daemons))
+        workers = {k: v for k, v in parts.items() if k != "driver" and not k.startswith(daemons)}
         top = ", ".join(f"{k} {v:g}" for k, v in sorted(workers.items(), key=lambda kv: -kv[1])[:4])
         lines.append(f"- {r['pairs']:,} pairs: driver {driver:g} / workers {sum(workers.values()):.0f} / "
                      f"daemons {own:.0f} (largest: {top})")

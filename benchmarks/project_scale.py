@@ -1,10 +1,11 @@
 """Projection: time and memory of convert -> cluster -> select at 100M and 1B pairs, from measurements.
 
-    python benchmarks/project_scale.py        # reads benchmarks/results/bench_select.json (+ bench_kmeans.json)
+    python benchmarks/project_scale.py        # reads benchmarks/results/bench_select.json (+ bench_embed.json)
 
 Nothing is run here: this is arithmetic on the numbers ``bench_select.py`` measured on this
-machine (convert, cluster and select at two or more sizes, each stage in its own process) and on
-the per-pass cost of k-means at 384 dimensions from ``bench_kmeans.py``. For each stage it fits
+machine (convert, cluster and select at two or more sizes, each stage in its own process; the
+cluster stage there runs on 32-d vectors, so at 384-d its cost per pair is higher: see
+``bench_kmeans.md`` for 1M x 384). For each stage it fits
 wall time = fixed + per_pair x pairs (least squares over the measured sizes) and reports the
 per-pair cost in CPU-microseconds (wall x the CPUs the stage had), the peak memory at each size and
 its growth per 10x. The projection for the ``cluster.yaml`` cluster divides the CPU time by the
