@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -22,6 +26,9 @@ MIXED_SOURCES = [
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 # No model hub is reachable in CI; without this an unknown hub id retries DNS for ~70 s.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Ray Train's controller polls its workers every 2 s by default; each training run waits for a few
+# polls. Set before any Ray starts (workers inherit it): 8 s less per Ray Train run here.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +48,31 @@ def ray_local():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a `ray start` cluster
     yield ray
     ray.shutdown()
+
+
+DATA_STAGES = ("convert", "embed", "cluster", "select")
+
+
+@pytest.fixture(scope="session")
+def quickstart_data(tmp_path_factory) -> SimpleNamespace:
+    """`hetray run` of the quickstart's data stages on the bundled samples, once per session, in a
+    subprocess as a person runs it (a local Ray of its own). The console test reads its terminal
+    page; tests that need those stages done start from a copy of its run_dir (``copy_run``)."""
+    cwd = tmp_path_factory.mktemp("quickstart-data")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "hetray.cli", "run", str(ROOT / "jobs" / "quickstart.yaml"), f"run_dir={cwd / 'run'}",
+         f"pipeline.stages=[{','.join(DATA_STAGES)}]"],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return SimpleNamespace(proc=proc, cwd=cwd, run_dir=cwd / "run")
+
+
+def copy_run(quickstart_data: SimpleNamespace, dest: Path) -> Path:
+    """A copy of the session's quickstart data run at ``dest`` (its links are relative)."""
+    assert quickstart_data.proc.returncode == 0, quickstart_data.proc.stderr
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(quickstart_data.run_dir, dest, symlinks=True, ignore=shutil.ignore_patterns("logs"))
+    return dest
 
 
 @pytest.fixture(scope="session")

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from hetray.orchestrate import console
 
+from conftest import DATA_STAGES
+
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
-DATA_STAGES = ("convert", "embed", "cluster", "select")
 
 
 @pytest.fixture
@@ -84,14 +82,9 @@ def test_the_dashboard_starts_when_the_machine_can_afford_it(monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_pipeline_prints_a_page_a_person_reads(tmp_path):
+def test_a_pipeline_prints_a_page_a_person_reads(quickstart_data):
     """`hetray run` on the bundled samples (data stages), in a subprocess as a person runs it."""
-    run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray of its own
-    proc = subprocess.run(
-        [sys.executable, "-m", "hetray.cli", "run", str(QUICKSTART), f"run_dir={run_dir}",
-         f"pipeline.stages=[{','.join(DATA_STAGES)}]"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc, run_dir = quickstart_data.proc, quickstart_data.run_dir
     assert proc.returncode == 0, proc.stderr
     terminal = (proc.stdout + proc.stderr).splitlines()
     assert len(terminal) < 45, "\n".join(terminal)

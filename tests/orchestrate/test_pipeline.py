@@ -22,6 +22,8 @@ from hetray.orchestrate.sync import sync
 from hetray.schema import read_table
 from hetray.stage import RunDirBusy, read_manifest
 
+from conftest import DATA_STAGES, copy_run
+
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
 
@@ -94,8 +96,12 @@ def test_sync_copies_new_and_changed_files_only(tmp_path):
 
 
 @pytest.mark.slow
-def test_grid_shares_stages_resumes_after_failure_and_skips_when_done(tmp_path, tiny_llama, ray_local, monkeypatch):
+def test_grid_shares_stages_resumes_after_failure_and_skips_when_done(tmp_path, tiny_llama, ray_local, monkeypatch,
+                                                                      quickstart_data):
     stages = ["convert", "embed", "cluster", "select", "sft", "reward", "ppo", "eval", "report"]
+    # the shared stages were run once for the session with these settings (test_force_reruns_every_stage
+    # checks that they run): a copy of that run, not a fresh one
+    copy_run(quickstart_data, tmp_path / "job")
     cfg = grid_cfg(tmp_path / "job", tiny_llama, stages, wg=False)  # select.sources: test_select
 
     import hetray.train.ppo as ppo
@@ -139,26 +145,28 @@ def test_grid_shares_stages_resumes_after_failure_and_skips_when_done(tmp_path, 
     assert (moved / "runs" / "all-k3-f0.6" / "preferences" / "manifest.json").is_file()
 
 
-DATA_STAGES = ["convert", "embed", "cluster", "select"]
-
-
 def data_cfg(run_dir: Path) -> JobConfig:
     return load_config(QUICKSTART, [f"run_dir={run_dir}", f"pipeline.stages=[{','.join(DATA_STAGES)}]"])
 
 
 @pytest.mark.slow
-def test_force_reruns_every_stage(tmp_path, ray_local):
-    first = run_pipeline(data_cfg(tmp_path))
-    assert [(s["stage"], s["status"]) for s in first["steps"]] == [(s, "ran") for s in DATA_STAGES]
-    selected = sorted(read_table(tmp_path / "selected", ["pair_id"])["pair_id"].to_pylist())
+def test_force_reruns_every_stage(tmp_path, ray_local, quickstart_data):
+    # `hetray run` of these stages, once for the session (its page: test_console); here a copy of its run_dir
+    first = quickstart_data.proc.stdout + quickstart_data.proc.stderr
+    assert all(f"[{s}] done in" in first for s in DATA_STAGES) and "4 stage(s) ran, 0 up to date" in first
+    run = copy_run(quickstart_data, tmp_path / "run")
+    selected = sorted(read_table(run / "selected", ["pair_id"])["pair_id"].to_pylist())
     assert len(selected) == 52
-    created = {d: read_manifest(tmp_path / d)["created"] for d in ("preferences", "embeddings", "clusters")}
+    created = {d: read_manifest(run / d)["created"] for d in ("preferences", "embeddings", "clusters")}
 
-    forced = run_pipeline(data_cfg(tmp_path), force=True)  # every stage, embed and cluster too
+    again = run_pipeline(data_cfg(run))  # a copy elsewhere is up to date
+    assert [(s["stage"], s["status"]) for s in again["steps"]] == [(s, "skipped") for s in DATA_STAGES]
+
+    forced = run_pipeline(data_cfg(run), force=True)  # every stage, embed and cluster too
     assert [(s["stage"], s["status"]) for s in forced["steps"]] == [(s, "ran") for s in DATA_STAGES]
-    assert all(read_manifest(tmp_path / d)["created"] >= c for d, c in created.items())
+    assert all(read_manifest(run / d)["created"] > c for d, c in created.items())
     # the same pairs (convert writes its files in the order its tasks finish, so not the same bytes)
-    assert sorted(read_table(tmp_path / "selected", ["pair_id"])["pair_id"].to_pylist()) == selected
+    assert sorted(read_table(run / "selected", ["pair_id"])["pair_id"].to_pylist()) == selected
 
 
 def test_a_second_run_on_the_same_run_dir_fails_at_once(tmp_path, ray_local, capsys):
