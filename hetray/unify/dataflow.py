@@ -169,12 +169,25 @@ def group_by_bucket(ds, partitions: int):
     return ds.groupby("bucket", num_partitions=partitions)
 
 
+def read_blocks(files: list[str]) -> int:
+    """Read blocks for local ``files``: one per file when there are at least as many files as
+    CPUs, so that each Ray task reads, parses and writes whole files in one fused task. Ray
+    Data's default asks for ~200 blocks and splits every file's output to reach them, which
+    stops the fusion: for 8 files of 1M HH rows that was 8 read tasks and then 200 parse+write
+    tasks of 5,000 rows and 200 output files (22.6 s of the write against 17.5 s fused, on 2
+    loaded cores). With fewer files than CPUs: 2 blocks per CPU, so the parse still spreads."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return len(files) if len(files) >= cpus else 2 * cpus
+
+
 def read_raw(files: list[str], s):
     """A source's RAW records as a Ray Dataset (local files, or a hub dataset)."""
     import ray
 
     if files:
-        return ray.data.read_datasource(make_datasource(files, s.limit))
+        return ray.data.read_datasource(make_datasource(files, s.limit), override_num_blocks=read_blocks(files))
     spec = s.path if isinstance(s.path, str) else s.path[0]
     return hub_dataset(spec, s.limit)
 
