@@ -19,7 +19,7 @@ from sklearn.datasets import make_blobs
 from hetray.stage import fingerprint
 from hetray.selection.clustering import run_cluster
 from hetray.config import JobConfig
-from hetray.selection.kmeans import assign, fit_kmeans, kmeans_inertia, lloyd_batch, sample_batch
+from hetray.selection.kmeans import _pieces, assign, fit_kmeans, init_rows, kmeans_inertia, lloyd_batch, sample_batch
 from hetray.schema import ASSIGNMENT_SCHEMA, embedding_schema, prompt_id
 
 
@@ -87,6 +87,23 @@ def test_sample_is_independent_of_block_layout(ray_local):
     many = fit_kmeans(ray_local.data.from_numpy(np.array_split(x, 7)), 5, n_init=2, sample_size=200, column="data", max_iter=1)
     # one Lloyd step from the same initial centroids: equal up to float summation order
     np.testing.assert_allclose(one.centroids, many.centroids, rtol=0, atol=1e-5)
+
+
+def test_a_pass_runs_one_task_per_batch_of_a_block(ray_local):
+    """A block larger than batch_size is cut into pieces (one task each), in block order, so a
+    dataset of one big block still spreads over the CPUs."""
+    ds = ray_local.data.from_numpy([np.zeros((1000, 4), np.float32), np.ones((250, 4), np.float32)]).materialize()
+    pieces = _pieces(ds, 300)
+    assert [(start, stop) for _, start, stop in pieces] == [(0, 300), (300, 600), (600, 900), (900, 1000), (0, 250)]
+    assert len({ref for ref, _, _ in pieces}) == 2  # two blocks, read in place
+
+
+def test_initialisation_reads_the_head_of_the_sample():
+    assert init_rows(10, 100_000) == 10_000  # the paper's k=10: 10,000 rows
+    assert init_rows(1000, 100_000) == 20_000  # 20 per cluster
+    assert init_rows(10, 3_000) == 3_000  # a small sample is read whole
+    assert init_rows(50, 100_000, init_size=20) == 50  # never fewer rows than clusters
+    assert init_rows(10, 100_000, init_size=100_000) == 100_000
 
 
 def test_empty_clusters_are_reseeded(ray_local, caplog):
