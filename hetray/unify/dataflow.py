@@ -175,11 +175,13 @@ def read_blocks(files: list[str]) -> int:
     Data's default asks for ~200 blocks and splits every file's output to reach them, which
     stops the fusion: for 8 files of 1M HH rows that was 8 read tasks and then 200 parse+write
     tasks of 5,000 rows and 200 output files (22.6 s of the write against 17.5 s fused, on 2
-    loaded cores). With fewer files than CPUs: 2 blocks per CPU, so the parse still spreads."""
+    loaded cores). With fewer files than CPUs, a large input is split to up to 2 blocks per CPU
+    (one per 64 MiB), so its parse still spreads; a small one is not split at all."""
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    return len(files) if len(files) >= cpus else 2 * cpus
+    size = sum(os.path.getsize(f) for f in files)
+    return int(max(len(files), min(2 * cpus, size // (64 << 20))))
 
 
 def read_raw(files: list[str], s):

@@ -181,3 +181,37 @@ def test_label_missing_from_real_trees_is_refused(tmp_path, ray_local, shared_da
         f"source 'oasst': label 'toxicity' occurs in none of the 1,167 messages of {path}; "
         "labels present: none (no message has labels or Detoxify scores)"
     )
+
+
+def test_each_input_file_is_read_parsed_and_written_by_one_task(tmp_path, ray_local):
+    """With at least as many files as CPUs, read -> parse -> write fuse: one task, and so one
+    output file, per input file (Ray Data's default split 8 files into 200 small tasks)."""
+    src = tmp_path / "hh"
+    src.mkdir()
+    for i in range(3):  # 3 files, 2 CPUs
+        rows = [{"chosen": f"\n\nHuman: q{i}-{j}\n\nAssistant: yes {j}", "rejected": f"\n\nHuman: q{i}-{j}\n\nAssistant: no"}
+                for j in range(40)]
+        (src / f"part-{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m = run_convert(job(tmp_path, [{"name": "hh", "format": "hh", "path": str(src)}]))
+    assert m["counts"]["hh"]["pairs"] == 120
+    files = parquet_files(tmp_path / "run" / "preferences")
+    assert len(files) == 3
+    origins = [{p[0].split(":")[0] for p in pq.read_table(f).column("provenance").to_pylist()} for f in files]
+    assert all(len(o) == 1 for o in origins) and len(set.union(*origins)) == 3
+
+
+def test_read_blocks_split_only_a_large_input_with_few_files(tmp_path, ray_local):
+    from hetray.unify.dataflow import read_blocks
+
+    small = [str(tmp_path / f"s{i}.jsonl") for i in range(3)]
+    for f in small:
+        open(f, "w").write("{}\n")
+    assert read_blocks(small[:1]) == 1  # small: never split
+    assert read_blocks(small) == 3  # as many files as CPUs or more: one block each
+    big = tmp_path / "big.jsonl"
+    with open(big, "wb") as f:
+        f.truncate(200 << 20)  # 200 MiB (sparse): one block per 64 MiB, at most 2 per CPU
+    assert read_blocks([str(big)]) == 3
+    with open(big, "wb") as f:
+        f.truncate(1 << 30)
+    assert read_blocks([str(big)]) == 4
