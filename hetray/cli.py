@@ -71,14 +71,13 @@ def make_parser() -> argparse.ArgumentParser:
         st.add_argument("--force", action="store_true", help="re-run even if up to date")
 
     ev = sub.add_parser("eval", help="evaluate models: WinoBias/WinoGender bias, WinoGrande, reward, chat -> report")
-    from hetray.eval.run import add_arguments as eval_arguments
+    from hetray.eval.arguments import add_arguments as eval_arguments
 
     eval_arguments(ev)
 
     tu = sub.add_parser("tune", help="Ray Tune search over selection settings (n_clusters, fraction, label)")
-    from hetray.orchestrate.tune import add_arguments as tune_arguments
-
-    tune_arguments(tu)
+    tu.add_argument("--config", required=True, help="job YAML; the search is its tune: section")
+    tu.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tune.fraction=[0.2,1.0] tune.scheduler=fifo")
 
     i = sub.add_parser("inspect", help="summarise any hetray output (run dir, stage folder, parquet file)")
     i.add_argument("path", help="a run directory, a stage folder (preferences/, sft/, eval/, ...) or a Parquet file")

@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 
 from hetray.eval import reward, stats
-from hetray.eval.config import SUITE_NAMES, EvalConfig
+from hetray.eval.arguments import add_arguments  # noqa: F401  (the options live apart: no torch to parse them)
+from hetray.eval.config import EvalConfig
 from hetray.tracking import active
 from hetray.eval.outputs import META, write_outputs
 from hetray.eval.pool import EvalError, Pool
@@ -209,19 +210,6 @@ def _run_reward(suite: Suite, rewards: dict[str, str], cfg: EvalConfig, seed: in
 
 
 # ---------------------------------------------------------------------------- command line
-
-
-def add_arguments(p) -> None:
-    """The ``hetray eval`` options (``p``: an argparse parser or subparser)."""
-    p.add_argument("--models", required=True,
-                   help="name=model,... : a bundled alias, a checkpoint or LoRA adapter folder, or a hub id "
-                        "(e.g. base=smollm2-135m-instruct,sft=runs/x/sft/merged)")
-    p.add_argument("--suites", help=f"comma-separated, of {','.join(SUITE_NAMES)} (default: eval.suites of the config)")
-    p.add_argument("--config", help="job YAML whose eval: section (and seed) to use (default: the EvalConfig defaults)")
-    p.add_argument("--out", default="eval", help="output folder (default: eval/)")
-    p.add_argument("--reward-model", help="reward model for the reward suite: a run's reward/ folder or a checkpoint")
-    p.add_argument("--seed", type=int, help="default: the job's seed, else 0")
-    p.add_argument("overrides", nargs="*", help="eval settings, e.g. batch_size=8 winogrande.limit=20 (eval. prefix optional)")
 
 
 def parse_models(spec: str) -> dict[str, str]:

@@ -427,12 +427,6 @@ def eval_metric(job: JobConfig, metric: str, model: Path, reward_dir: Path | Non
 # ---------------------------------------------------------------------------- command line
 
 
-def add_arguments(p) -> None:
-    """``hetray tune --config jobs/x.yaml [key.sub=value ...]``"""
-    p.add_argument("--config", required=True, help="job YAML; the search is its tune: section")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tune.fraction=[0.2,1.0] tune.scheduler=fifo")
-
-
 def cli(args) -> int:
     """Run ``hetray tune``; print the trial table and the best settings. Errors go to stderr, exit 2."""
     from hetray.config import load_config
