@@ -188,7 +188,7 @@ def bench(shape: str, n: int, work: Path, object_store: int) -> dict:
     manifest = json.loads((work / f"run-{shape}-{n}" / "preferences" / "manifest.json").read_text())
     shutil.rmtree(src)
     shutil.rmtree(work / f"run-{shape}-{n}", ignore_errors=True)
-    keys = ("wall_s", "peak_mem_mib", "load_avg_1min_after", "load_avg_1min_during")
+    keys = ("wall_s", "peak_mem_mib", "peak_by_process_mib", "load_avg_1min_after", "load_avg_1min_during")
     res = {
         "shape": shape, "rows": count, "unit": UNIT[shape], "input_mib": round(size_mb, 1),
         "hetray": {k: hetray[k] for k in keys}, "pandas": {k: pandas[k] for k in keys},

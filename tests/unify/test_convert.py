@@ -215,3 +215,18 @@ def test_read_blocks_split_only_a_large_input_with_few_files(tmp_path, ray_local
     with open(big, "wb") as f:
         f.truncate(1 << 30)
     assert read_blocks([str(big)]) == 4
+
+
+def test_convert_sets_its_block_size_only_while_it_runs(tmp_path, ray_local, monkeypatch):
+    from ray.data import DataContext
+
+    from hetray.unify import convert, dataflow
+
+    seen = []
+    build = dataflow.build_dataset
+    monkeypatch.setattr(convert, "build_dataset",
+                        lambda *a, **k: seen.append(DataContext.get_current().target_max_block_size) or build(*a, **k))
+    before = DataContext.get_current().target_max_block_size
+    run_convert(job(tmp_path, [{"name": "wg", "format": "winogrande", "path": WG}]))
+    assert seen == [convert.BLOCK_BYTES] and convert.BLOCK_BYTES == 32 << 20
+    assert DataContext.get_current().target_max_block_size == before
