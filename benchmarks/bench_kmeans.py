@@ -270,7 +270,7 @@ def markdown(rows: list[dict], backends=BACKENDS) -> str:
         f"Data: normalised {D}-d vectors around {BLOBS} random unit centres (noise sd {NOISE} per dimension). "
         "Same n_init and max_iter for every run in a row; hetray and scikit-learn stop early at tol=1e-4, "
         "faiss always runs max_iter iterations and trains on all n points (subsampling off). "
-        f"hetray initialises on a {SAMPLE:,}-row sample (k-means++), scikit-learn on all points, faiss at random. "
+        f"hetray draws a {SAMPLE:,}-row sample and initialises on its first max(10,000, 20 k) rows (k-means++), scikit-learn on all points, faiss at random. "
         "hetray_numpy / hetray_faiss: `cluster.backend` numpy / faiss (the default `auto` is numpy below k=256, "
         "faiss from 256 up). hetray's passes = updates + 1 (the last pass measures the final inertia). "
         "s per pass: one pass over the data; a hetray pass serves every active restart at once, a faiss "

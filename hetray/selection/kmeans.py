@@ -22,9 +22,9 @@ vectors; it holds a sample (for initialisation) and O(n_init * k * d) partial su
    ``batch_size`` rows of a block (``_pieces``), reading the block from the object store
    without a copy, so no Ray Data execution is planned and started per pass (that cost ~1.2 s
    a pass at 1M x 384 on 2 cores). The driver adds the results up in piece order, so a run is
-   reproducible bit for bit. A restart stops after ``max_iter`` updates or when its centroids move (sum of
-   squared shifts) by at most ``tol`` times the mean feature variance, then gets one more pass
-   to compute the inertia of its final centroids, as scikit-learn does.
+   reproducible bit for bit. A restart stops after ``max_iter`` updates or when its centroids
+   move (sum of squared shifts) by at most ``tol`` times the mean feature variance, then gets
+   one more pass to compute the inertia of its final centroids, as scikit-learn does.
 
 **Backends** (``backend``, the ``cluster.backend`` setting) decide how a block finds each row's
 nearest centroid; everything else (the partial sums, their float64 block-order reduction) is
@@ -46,10 +46,11 @@ the same code:
   of a distance, so a near-tie can go to a different centroid.
 
 **Threads.** A pass task (and an ``assign`` task of ``map_batches``) holds 1 CPU, and Ray
-starts its workers with ``OMP_NUM_THREADS=1``; the block functions still set faiss's OpenMP threads (which also drive
-its bundled OpenBLAS) to the task's whole CPUs explicitly and put the old value back, so a
-``runtime_env`` that sets OMP_NUM_THREADS, or a worker started without it (faiss then takes
-every core in every task: 2 tasks x 2 threads on 2 cores), cannot oversubscribe the node. On
+starts its workers with ``OMP_NUM_THREADS=1``; the block functions still set faiss's OpenMP
+threads (which also drive its bundled OpenBLAS) to the task's whole CPUs explicitly and put the
+old value back, so a ``runtime_env`` that sets OMP_NUM_THREADS, or a worker started without it
+(faiss then takes every core in every task: 2 tasks x 2 threads on 2 cores), cannot
+oversubscribe the node. On
 2 cores that is 2 concurrent tasks x 1 thread. ``batch_size`` (65,536 rows, 96 MiB at
 d=384) makes one task long enough (~0.5 s of matmul at k=1000) that Ray's per-task cost is
 noise, and 1M rows still split into 16 tasks for 2 cores; faiss blocks the search internally

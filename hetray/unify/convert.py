@@ -303,7 +303,6 @@ def block_size(nbytes: int):
         ctx.target_max_block_size = saved
 
 
-
 def run_convert(cfg: JobConfig, force: bool = False) -> dict:
     """Convert every source of ``cfg`` into ``cfg.run_dir``. Returns the manifest."""
     planned = [plan_source(s) for s in cfg.convert.sources]  # every check before any work
@@ -316,7 +315,8 @@ def run_convert(cfg: JobConfig, force: bool = False) -> dict:
     def work(tmp: Path) -> dict:
         require_ray("convert")
         sink = SplitParquetSink(str(tmp))
-        with block_size(BLOCK_BYTES), ThreadPoolExecutor(1) as pool:  # input records are counted while Ray converts
+        # input records are counted (in a thread) while Ray converts
+        with block_size(BLOCK_BYTES), ThreadPoolExecutor(1) as pool:
             counting = {s.name: pool.submit(count_input, adapter, files, s) for adapter, files, s in planned}
             duplicates = find_duplicates(planned, cfg.convert.batch_size, cfg.convert.shuffle_partitions)
             ds = build_dataset(planned, cfg.convert.batch_size, cfg.convert.shuffle_partitions, duplicates)
