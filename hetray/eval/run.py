@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 
 from hetray.eval import reward, stats
-from hetray.eval.arguments import add_arguments  # noqa: F401  (the options live apart: no torch to parse them)
 from hetray.eval.config import EvalConfig
 from hetray.tracking import active
 from hetray.eval.outputs import META, write_outputs

@@ -538,11 +538,11 @@ def fit_kmeans(ds, n_clusters: int, **kwargs) -> KMeansResult:
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    saved = ctx.execution_options.preserve_order, ctx.enable_progress_bars
+    saved = ctx.enable_progress_bars
     try:
         return _fit(ds, n_clusters, **kwargs)
     finally:
-        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+        ctx.enable_progress_bars = saved
 
 
 def _fit(
@@ -569,13 +569,13 @@ def _fit(
     if k < 1 or n_init < 1 or max_iter < 1:
         raise ValueError("n_clusters, n_init and max_iter must be >= 1")
     backend = resolve_backend(backend, k)
-    t0 = time.perf_counter()
     ds.context.enable_progress_bars = False
     ds = ds.materialize()  # every pass reads the object store, not the source files
     pieces = _pieces(ds, batch_size)
     n = sum(stop - start for _, start, stop in pieces)
     if n == 0:
         raise ValueError("empty dataset: there are no vectors to cluster")
+    t0 = time.perf_counter()
     sample, weights, distinct, var = _sample(pieces, n, column, seed, max(sample_size, k))
     if distinct is not None and k > distinct:
         raise ValueError(

@@ -135,6 +135,11 @@ def duplicates_of(bucket: pa.Table, adapter) -> pa.Table:
 # ---------------------------------------------------------------------------- the plan
 
 
+def input_bytes(files: list[str]) -> int:
+    """Bytes of a source's local files: what sizes its read blocks, buckets and partitions."""
+    return sum(os.path.getsize(f) for f in files)
+
+
 def shuffle_partitions(files: list[str], configured: int | None, n_buckets: int) -> int:
     """Partitions for a group-by: enough to spread work and keep each one small, and no more
     than there are buckets (a partition beyond that could only ever be empty). Some partitions
@@ -144,13 +149,13 @@ def shuffle_partitions(files: list[str], configured: int | None, n_buckets: int)
     if configured:
         return configured
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    size = sum(os.path.getsize(f) for f in files)
+    size = input_bytes(files)
     return int(min(200, n_buckets, max(2 * cpus, size // (128 << 20))))
 
 
 def n_shuffle_buckets(files: list[str], per_bucket: int = 1 << 20) -> int:
     """About one bucket per ``per_bucket`` bytes of input, at least 16."""
-    size = sum(os.path.getsize(f) for f in files)
+    size = input_bytes(files)
     return int(max(16, size // per_bucket))
 
 
@@ -180,7 +185,7 @@ def read_blocks(files: list[str]) -> int:
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    size = sum(os.path.getsize(f) for f in files)
+    size = input_bytes(files)
     return int(max(len(files), min(2 * cpus, size // (64 << 20))))
 
 
@@ -206,7 +211,7 @@ def find_duplicates(planned: list, batch_size: int, partitions: int | None = Non
     for adapter, files, s in planned:
         if not hasattr(adapter, "unique_keys"):
             continue
-        if files and sum(os.path.getsize(f) for f in files) <= LOCAL_KEY_PASS_BYTES:
+        if files and input_bytes(files) <= LOCAL_KEY_PASS_BYTES:
             keys = []
             for file in files:
                 with open(file, "rb") as f:
