@@ -42,13 +42,15 @@ def embedding_files(run_dir: Path) -> list[str]:
     return files
 
 
-def cluster_sizes(folder: Path, k: int) -> list[int]:
-    """Points per cluster, counted from the written assignments (one column, file by file)."""
-    sizes = np.zeros(k, np.int64)
+def assignment_stats(folder: Path, k: int) -> tuple[list[int], float]:
+    """(points per cluster, inertia) from the written assignments, file by file: the inertia
+    is the float64 sum of the squared distances the assign pass wrote."""
+    sizes, inertia = np.zeros(k, np.int64), 0.0
     for f in sorted(folder.glob("*.parquet")):
-        col = pq.read_table(f, columns=["cluster"]).column("cluster").to_numpy()
-        sizes += np.bincount(col, minlength=k)
-    return sizes.tolist()
+        t = pq.read_table(f, columns=["cluster", "distance"])
+        sizes += np.bincount(t.column("cluster").to_numpy(), minlength=k)
+        inertia += float(t.column("distance").to_numpy().sum(dtype=np.float64))
+    return sizes.tolist(), inertia
 
 
 def run_cluster(cfg: JobConfig, force: bool = False) -> dict:
@@ -68,16 +70,18 @@ def run_cluster(cfg: JobConfig, force: bool = False) -> dict:
         ds.context.enable_progress_bars = False  # a pass over the vectors takes seconds: no bar each
         ds = ds.materialize()
         res = fit_kmeans(ds, c.n_clusters, n_init=c.n_init, max_iter=c.max_iter, tol=c.tol, init=c.init,
-                         sample_size=c.sample_size, batch_size=c.batch_size, seed=cfg.seed, backend=c.backend)
-        log.info("cluster: inertia %.4f after %d iterations (restart %d, %s backend)", res.inertia, res.n_iter,
-                 res.best_init, res.backend)
+                         sample_size=c.sample_size, batch_size=c.batch_size, seed=cfg.seed, backend=c.backend,
+                         final_pass=False)  # the assign pass below measures the final inertia
         np.save(out / "centroids.npy", res.centroids)
         assigned = assign(ds, res.centroids, c.batch_size, backend=res.backend)
         assigned = assigned.map_batches(to_assignments, batch_format="pyarrow")
         assigned.write_parquet(str(out / "assignments"))
-        return {"rows": res.n_samples, "dim": int(res.centroids.shape[1]), "inertia": res.inertia,
-                "n_iter": res.n_iter, "best_init": res.best_init, "inertias": res.inertias, "n_iters": res.n_iters,
-                "backend": res.backend, "passes": res.passes, "seconds": res.seconds,
-                "sizes": cluster_sizes(out / "assignments", c.n_clusters)}
+        sizes, inertia = assignment_stats(out / "assignments", c.n_clusters)
+        inertias = [inertia if np.isnan(i) else i for i in res.inertias]
+        log.info("cluster: inertia %.4f after %d iterations (restart %d, %s backend)", inertia, res.n_iter,
+                 res.best_init, res.backend)
+        return {"rows": res.n_samples, "dim": int(res.centroids.shape[1]), "inertia": inertia,
+                "n_iter": res.n_iter, "best_init": res.best_init, "inertias": inertias, "n_iters": res.n_iters,
+                "backend": res.backend, "passes": res.passes, "seconds": res.seconds, "sizes": sizes}
 
     return run_stage(stage, work, force=force)

@@ -19,7 +19,7 @@ from sklearn.datasets import make_blobs
 from hetray.stage import fingerprint
 from hetray.selection.clustering import run_cluster
 from hetray.config import JobConfig
-from hetray.selection.kmeans import _pieces, assign, fit_kmeans, init_rows, kmeans_inertia, lloyd_batch, sample_batch
+from hetray.selection.kmeans import _merge_sample, _pieces, assign, fit_kmeans, init_rows, kmeans_inertia, lloyd_batch, sample_batch
 from hetray.schema import ASSIGNMENT_SCHEMA, embedding_schema, prompt_id
 
 
@@ -267,3 +267,49 @@ def test_real_prompts_inertia_within_1_percent_of_sklearn(shared_data, ray_local
     res = fit_kmeans(ray_local.data.from_numpy(np.array_split(x, 3)), 10, n_init=10, column="data", batch_size=512)
     ref = sklearn_inertia(x, 10)
     assert res.inertia <= 1.01 * ref, (res.inertia, ref)
+
+
+def _merge_one_by_one(batches, sample_size):
+    """The per-batch merge ``_sample`` did before: a reference for ``_merge_sample``."""
+    keys, counts, vecs = np.zeros(0, np.uint64), np.zeros(0), None
+    for bk, bc, bv in batches:
+        u, first, inv = np.unique(np.concatenate([keys, bk]), return_index=True, return_inverse=True)
+        counts = np.bincount(inv.ravel(), weights=np.concatenate([counts, bc]))[:sample_size]
+        sel = first[:sample_size]
+        old = sel < len(keys)
+        merged = np.empty((len(sel), bv.shape[1]), np.float32)
+        merged[old] = vecs[sel[old]] if vecs is not None else 0
+        merged[~old] = bv[sel[~old] - len(keys)]
+        keys, vecs = u[:sample_size], merged
+    return keys, counts, vecs
+
+
+@pytest.mark.parametrize("sample_size", [5, 40, 1000])
+def test_merging_the_sample_at_once_equals_merging_batch_by_batch(sample_size):
+    rng = np.random.default_rng(3)
+    batches = []
+    for _ in range(6):  # overlapping keys across batches, the vector of a key differs by batch
+        k = np.unique(rng.integers(0, 120, 30).astype(np.uint64))
+        batches.append((k, rng.integers(1, 4, len(k)).astype(np.int64), rng.normal(size=(len(k), 3)).astype(np.float32)))
+    want = _merge_one_by_one(batches, sample_size)
+    empty = (np.zeros(0, np.uint64), np.zeros(0), None)
+    at_once = _merge_sample(*empty, batches, sample_size)
+    in_two = _merge_sample(*_merge_sample(*empty, batches[:2], sample_size), batches[2:], sample_size)
+    for got in (at_once, in_two):
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[2], want[2])
+    assert len(want[0]) == min(sample_size, len(np.unique(np.concatenate([b[0] for b in batches]))))
+
+
+def test_skipping_the_final_pass_keeps_the_centroids(ray_local):
+    x = blobs(n=2000, d=8, centers=5)
+    ds = ray_local.data.from_numpy(np.array_split(x, 3))
+    full = fit_kmeans(ds, 5, n_init=1, max_iter=4, tol=0, column="data")
+    lean = fit_kmeans(ds, 5, n_init=1, max_iter=4, tol=0, column="data", final_pass=False)
+    np.testing.assert_array_equal(lean.centroids, full.centroids)
+    assert (full.passes, lean.passes, lean.n_iter) == (5, 4, 4)
+    assert np.isnan(lean.inertia) and lean.sizes is None
+    assert full.inertia == pytest.approx(kmeans_inertia(x, full.centroids), rel=1e-5)
+    several = fit_kmeans(ds, 5, n_init=2, max_iter=4, tol=0, column="data", final_pass=False)
+    assert several.passes == 5 and not np.isnan(several.inertia)  # the winner needs every final inertia
