@@ -5,8 +5,9 @@
 
 Data: normalised 384-d vectors (the all-MiniLM-L6-v2 width) drawn around 64 random unit
 centres with Gaussian noise about as large as the centres, so the blobs overlap the way
-sentence embeddings do. hetray reads them from a Ray Dataset (``ray.data.from_numpy`` in
-blocks of 65,536 rows, local Ray with 2 CPUs), once per backend (``numpy``, ``faiss``; the
+sentence embeddings do. hetray reads them from a materialised Ray Dataset (``ray.data.from_numpy``
+in blocks of 65,536 rows, materialised before the timed fits as the cluster stage materialises
+its read before it fits; local Ray with 2 CPUs), once per backend (``numpy``, ``faiss``; the
 default ``auto`` picks faiss from k=256 up); scikit-learn and faiss get the in-memory array.
 
 Per configuration all use the same ``n_init`` and ``max_iter`` (printed with the results).
@@ -15,9 +16,11 @@ faiss has no tolerance and always runs ``max_iter`` iterations. faiss's default 
 (256 points per centroid) is switched off so it trains on the same n points. The inertia of
 every result is measured the same way (exact nearest-centroid search with faiss.IndexFlatL2,
 summed in float64), outside the timings. hetray's time is split into its sample pass, its
-k-means++ initialisation on the sample, and its Lloyd passes (one per update, plus the final
-pass that measures the inertia of the final centroids, as scikit-learn does); "s/pass" and
-faiss's "s/iter" compare one pass over the data each.
+k-means++ initialisation on the sample, and its Lloyd passes, run as the cluster stage runs
+them (``final_pass=False``): one per update, and with several restarts one more that measures
+every restart's final inertia to pick the winner (with one restart the stage's assign pass
+measures it, as faiss leaves it to a search after training); "s/pass" and faiss's "s/iter"
+compare one pass over the data each.
 
 Driver memory: the growth of the traced peak of Python/numpy allocations while fitting
 (tracemalloc) and of the peak RSS; hetray's driver holds the initialisation sample and
@@ -141,7 +144,7 @@ def run_hetray(ds, cfg, backend: str) -> dict:
 
     with Peak() as p:
         res = fit_kmeans(ds, cfg["k"], n_init=cfg["n_init"], max_iter=cfg["max_iter"], sample_size=SAMPLE,
-                         column="data", backend=backend)
+                         column="data", backend=backend, final_pass=False)  # as the cluster stage runs it
     s = res.seconds
     return {**p.result(), "n_iter": res.n_iter, "passes": res.passes, "sample_s": s["sample"], "init_s": s["init"],
             "lloyd_s": s["lloyd"], "s_per_pass": round(s["lloyd"] / res.passes, 3), "centroids": res.centroids}
@@ -208,9 +211,11 @@ def bench(n: int, configs: list[dict], backends=BACKENDS) -> list[dict]:
     x = make_data(n)
     gen_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ds = ray.data.from_numpy([x[i : i + BLOCK] for i in range(0, n, BLOCK)])
+    # materialised before the fits, as the cluster stage materialises its read before it fits:
+    # a fit then starts from blocks in the object store, as faiss starts from the array in memory
+    ds = ray.data.from_numpy([x[i : i + BLOCK] for i in range(0, n, BLOCK)]).materialize()
     put_s = time.perf_counter() - t0
-    print(f"n={n:,}: generated in {gen_s:.1f}s, put into the object store in {put_s:.1f}s", flush=True)
+    print(f"n={n:,}: generated in {gen_s:.1f}s, put into the object store and materialised in {put_s:.1f}s", flush=True)
     rows = []
     for cfg in configs:
         row = {"n": n, "d": D, "data_mib": round(x.nbytes / 2**20, 1), **cfg}
@@ -270,9 +275,12 @@ def markdown(rows: list[dict], backends=BACKENDS) -> str:
         f"Data: normalised {D}-d vectors around {BLOBS} random unit centres (noise sd {NOISE} per dimension). "
         "Same n_init and max_iter for every run in a row; hetray and scikit-learn stop early at tol=1e-4, "
         "faiss always runs max_iter iterations and trains on all n points (subsampling off). "
+        "hetray fits a Dataset already materialised in the object store (as the cluster stage hands it over; not "
+        "timed, as faiss's array is already in memory). "
         f"hetray draws a {SAMPLE:,}-row sample and initialises on its first max(10,000, 20 k) rows (k-means++), scikit-learn on all points, faiss at random. "
         "hetray_numpy / hetray_faiss: `cluster.backend` numpy / faiss (the default `auto` is numpy below k=256, "
-        "faiss from 256 up). hetray's passes = updates + 1 (the last pass measures the final inertia). "
+        "faiss from 256 up). hetray's passes = updates, + 1 with several restarts (a pass that measures every final "
+        "inertia to pick the winner; with one restart the cluster stage's assign pass measures it, as for faiss). "
         "s per pass: one pass over the data; a hetray pass serves every active restart at once, a faiss "
         "iteration one restart (its s per iteration = wall / (max_iter x n_init)), so pass / faiss iteration "
         "compares like with like only at n_init=1. "
