@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from hetray.cli import main
 from hetray.config import ConfigError, JobConfig, load_config
 from hetray.schema import parquet_files
+from hetray.unify import dataflow
 from hetray.unify.convert import CountMismatch, count_input, plan_source, run_convert
 from hetray.unify.sources import ADAPTERS, generic, oasst, winobias, winogender, winogrande
 from hetray.unify.sources.base import account, convert_rows
@@ -215,17 +216,21 @@ def test_bom_only_first_line_counts_as_blank(tmp_path):
 # ---------------------------------------------------------------------------- duplicates and empties
 
 
-@pytest.mark.parametrize("pass_on", ["driver", "ray"])
-def test_duplicate_winogrande_qids_are_rejects_naming_the_qid(tmp_path, ray_local, monkeypatch, pass_on):
-    """Found by the narrow pass over (qID, file, line): on the driver for a small input, else a
-    Ray group-by of those three columns."""
+@pytest.mark.parametrize("pass_on, parts", [("driver", None), ("ray", None), ("ray", 1), ("ray", 3)])
+def test_duplicate_winogrande_qids_are_rejects_naming_the_qid(tmp_path, ray_local, monkeypatch, pass_on, parts):
+    """Found by the narrow pass over (qID, file, line): on the driver for a small input, else
+    Ray tasks, one per file, then one per hash part of the keys (``convert.shuffle_partitions``
+    of them; default 4 here): a qID's rows meet in one part whatever the number of parts."""
     if pass_on == "ray":
         monkeypatch.setattr("hetray.unify.dataflow.LOCAL_KEY_PASS_BYTES", 0)
+    calls = []
+    real = dataflow._task_key_pass
+    monkeypatch.setattr(dataflow, "_task_key_pass", lambda *a: calls.append(a[-1]) or real(*a))
     lines = WG.read_bytes().splitlines()
     (tmp_path / "a.jsonl").write_bytes(b"\n".join(lines[:4]) + b"\n")
     (tmp_path / "b.jsonl").write_bytes(b"\n".join([lines[0], lines[2], lines[2]]) + b"\n")  # fx-1 once, fx-3 twice
     src = {"name": "wg", "format": "winogrande", "path": [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]}
-    m = run_convert(job(tmp_path, [src]))
+    m = run_convert(job(tmp_path, [src], shuffle_partitions=parts))
     prefs = read(tmp_path / "run" / "preferences")
     assert sorted(p["provenance"][0] for p in prefs) == ["fx-1", "fx-2", "fx-3", "fx-4"]
     assert len({p["pair_id"] for p in prefs}) == 4
@@ -239,6 +244,7 @@ def test_duplicate_winogrande_qids_are_rejects_naming_the_qid(tmp_path, ray_loca
     ]
     c = m["counts"]["wg"]
     assert (c["pairs"], c["used"], c["rejected"], c["input"]) == (4, 4, 3, 7)
+    assert calls == ([] if pass_on == "driver" else [parts or 4])
     assert not winogrande.needs_shuffle(None)  # found by the narrow pass over qIDs: rows are not shuffled
 
 
