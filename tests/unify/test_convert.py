@@ -80,7 +80,10 @@ def test_empty_file_gives_empty_outputs(tmp_path, ray_local):
     assert read(tmp_path / "run" / "preferences").num_rows == 0
 
 
-def test_failed_run_keeps_previous_outputs(tmp_path, ray_local, monkeypatch):
+@pytest.mark.parametrize("plan", ["ray_data", "tasks"])
+def test_failed_run_keeps_previous_outputs(tmp_path, ray_local, monkeypatch, plan):
+    """A run that fails after some of its files were written (by Ray Data's sink, or by the
+    tasks of ``by_file``) leaves the previous outputs as they were."""
     src = [{"name": "wg", "format": "winogrande", "path": WG}]
     run_convert(job(tmp_path, src))
     before = read(tmp_path / "run" / "preferences").num_rows
@@ -88,9 +91,14 @@ def test_failed_run_keeps_previous_outputs(tmp_path, ray_local, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("worker died")
 
-    monkeypatch.setattr("hetray.unify.convert.SplitParquetSink.on_write_complete", boom)
-    with pytest.raises(Exception):
-        run_convert(job(tmp_path, [{**src[0], "limit": 3}]))
+    if plan == "ray_data":
+        monkeypatch.setattr("hetray.unify.convert.SplitParquetSink.on_write_complete", boom)
+        overrides = {"num_output_files": 1}  # one Dataset: no tasks per file
+    else:
+        monkeypatch.setattr("hetray.unify.convert.wait_file_tasks", boom)
+        overrides = {}
+    with pytest.raises(RuntimeError, match="worker died"):
+        run_convert(job(tmp_path, [{**src[0], "limit": 3}], **overrides))
     assert read(tmp_path / "run" / "preferences").num_rows == before
     assert not list((tmp_path / "run").glob(".convert-tmp-*"))
 
@@ -227,6 +235,67 @@ def test_convert_sets_its_block_size_only_while_it_runs(tmp_path, ray_local, mon
     monkeypatch.setattr(convert, "build_dataset",
                         lambda *a, **k: seen.append(DataContext.get_current().target_max_block_size) or build(*a, **k))
     before = DataContext.get_current().target_max_block_size
-    run_convert(job(tmp_path, [{"name": "wg", "format": "winogrande", "path": WG}]))
+    # flat OASST messages meet in a shuffle: Ray Data's plan (``by_file`` keeps it)
+    run_convert(job(tmp_path, [{"name": "o", "format": "oasst", "path": str(FIXTURES / "oasst" / "messages_raw.jsonl")}]))
     assert seen == [convert.BLOCK_BYTES] and convert.BLOCK_BYTES == 32 << 20
     assert DataContext.get_current().target_max_block_size == before
+
+
+def _sorted_rows(folder) -> list[str]:
+    return sorted(json.dumps(r, sort_keys=True, default=str) for f in parquet_files(folder) for r in pq.read_table(f).to_pylist())
+
+
+def _split_into(src, folder, parts: int, extra: list[bytes] = ()) -> str:
+    """``src``'s lines (and ``extra``) dealt over ``parts`` files in ``folder``."""
+    folder.mkdir()
+    lines = open(src, "rb").read().splitlines() + list(extra)
+    for i in range(parts):
+        (folder / f"part-{i}.jsonl").write_bytes(b"\n".join(lines[i::parts]) + b"\n")
+    return str(folder)
+
+
+def test_a_task_per_file_writes_what_the_ray_data_plan_writes(tmp_path, ray_local, monkeypatch):
+    """Sources whose rows are independent, in at least as many files as CPUs, are converted by
+    plain Ray tasks, one per file (``by_file``); the Ray Data plan (read -> parse -> write) gives
+    the same rows in all three outputs and the same counts. The WinoGrande files repeat a qID
+    across files and hold a malformed line; ``batch_size`` cuts every file into several parses."""
+    from hetray.unify import convert
+
+    wg_lines = open(WG, "rb").read().splitlines()
+    sources = [
+        {"name": "hh", "format": "hh", "path": _split_into(FIXTURES / "hh" / "train.jsonl", tmp_path / "hh", 2)},
+        {"name": "wg", "format": "winogrande", "path": _split_into(WG, tmp_path / "wg", 3, [wg_lines[0], b"{not json"])},
+        {"name": "pw", "format": "generic", "shape": "pairwise",
+         "path": _split_into(FIXTURES / "generic" / "pairwise.jsonl", tmp_path / "pw", 2)},
+    ]
+    chosen = []
+    real = convert.by_file
+    monkeypatch.setattr(convert, "by_file", lambda planned, c: chosen.append(real(planned, c)) or chosen[-1])
+    runs = {}
+    for plan in ("tasks", "ray_data"):
+        if plan == "ray_data":
+            monkeypatch.setattr(convert, "by_file", lambda planned, c: ([], planned))
+        cfg = JobConfig.model_validate({"run_dir": str(tmp_path / plan), "convert": {"sources": sources, "batch_size": 3}})
+        m = run_convert(cfg)
+        runs[plan] = (m["counts"], {f: _sorted_rows(tmp_path / plan / f) for f in ("preferences", "sft_only", "rejects")})
+    tasks, rest = chosen[0]
+    assert [s.name for _, _, s in tasks] == ["hh", "wg", "pw"] and rest == []
+    assert runs["tasks"] == runs["ray_data"]
+    counts, rows = runs["tasks"]
+    assert counts["wg"]["reasons"].get("duplicate_id") == 1 and counts["wg"]["rejected"] >= 2
+    assert len(parquet_files(tmp_path / "tasks" / "preferences")) == 7  # one file per input file
+    assert sum(c["pairs"] for c in counts.values()) == sum(1 for r in rows["preferences"])
+
+
+def test_which_sources_take_a_task_per_file(tmp_path, ray_local):
+    from hetray.unify.convert import by_file, plan_source
+
+    hh = _split_into(FIXTURES / "hh" / "train.jsonl", tmp_path / "hh", 2)
+    sources = [{"name": "hh", "format": "hh", "path": hh},
+               {"name": "hh1", "format": "hh", "path": str(FIXTURES / "hh" / "train.jsonl")},  # small: one block
+               {"name": "oasst", "format": "oasst", "path": str(FIXTURES / "oasst" / "messages_raw.jsonl")}]
+    planned = [plan_source(s) for s in job(tmp_path, sources).convert.sources]
+    tasks, rest = by_file(planned, job(tmp_path, sources).convert)
+    assert [s.name for _, _, s in tasks] == ["hh", "hh1"] and [s.name for _, _, s in rest] == ["oasst"]
+    tasks, rest = by_file(planned, job(tmp_path, sources, num_output_files=2).convert)
+    assert tasks == [] and len(rest) == 3  # a repartition needs the one Dataset
