@@ -296,6 +296,16 @@ class Stage:
             (self.out_dir / r).exists() for r in self.required)
 
 
+def stage_task(fn):
+    """``fn`` as a Ray task of one CPU for a stage's own fan-out (a task per file). Scheduled
+    ``SPREAD``, as Ray Data schedules its tasks (``DataContext.scheduling_strategy``): over the
+    nodes, and outside the placement group of a Ray Tune trial that runs the stage (a trial
+    holds 0.05 CPU, ``tune.trial_cpus``: a task captured in it could never be placed)."""
+    import ray
+
+    return ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(fn)
+
+
 def require_ray(stage: str) -> None:
     """Stages never start Ray (only the command line and the conductor do): fail clearly."""
     import ray

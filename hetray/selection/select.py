@@ -71,7 +71,7 @@ from hetray.datacard import write_empty, write_selected_card
 from hetray.schema import PREFERENCE_SCHEMA, make_id, parquet_files
 from hetray.selection.report import write_report
 from hetray.selection.rules import cut, near_duplicates, order, percentiles, quotas, ranking, tie_hash
-from hetray.stage import Stage, read_manifest, require_ray, run_stage
+from hetray.stage import Stage, read_manifest, require_ray, run_stage, stage_task
 
 log = logging.getLogger(__name__)
 
@@ -434,42 +434,61 @@ def _kept_ids(kept_dir: str, key: str) -> pa.Array:
     return pq.read_table(folder, columns=["pair_id"])["pair_id"].combine_chunks()
 
 
-def _keep_selected(batch: pa.Table, kept_dir: str) -> pa.Table:
-    """The rows of ``batch`` whose pair_id was kept for their preference file."""
-    mask = pa.array(np.zeros(batch.num_rows, bool))
-    for path in pc.unique(batch["path"]).to_pylist():
-        ids = _kept_ids(kept_dir, _file_key(path))
-        mask = pc.or_(mask, pc.and_(pc.equal(batch["path"], path), pc.is_in(batch["pair_id"], value_set=ids)))
-    return batch.filter(mask).drop_columns(["path"])
+SELECT_BATCH_ROWS = 65_536  # rows of a preference file filtered and written at a time
+SELECT_FILE_BYTES = 64 << 20  # smaller preference files share an output file (and a task)
 
 
-class OrderedParquetSink(Datasink):
-    """Writes blocks in order into train-00000.parquet, ... (deterministic names)."""
+def _select_files(index: int, paths: list[str], kept_dir: str, out: str) -> int:
+    """The kept rows of some preference files, in their order, streamed a batch at a time into
+    ``train-{index:05d}.parquet``; returns their count. Through Ray Data (read -> filter ->
+    write) the write step kept every block of a task until it ended (``itertools.tee`` in Ray
+    2.60's ``plan_write_op``), so a worker's memory grew with the file."""
+    rows, buffer = 0, []  # kept rows are gathered into row groups of about SELECT_BATCH_ROWS
 
-    def __init__(self, folder: str, schema: pa.Schema):
-        self.folder, self.schema = folder, schema
+    def flush(w):
+        w.write_table(pa.concat_tables(buffer))
+        buffer.clear()
 
-    def write(self, blocks, ctx) -> int:
-        path = os.path.join(self.folder, f"train-{ctx.task_idx:05d}.parquet")
-        rows = 0
-        with pq.ParquetWriter(path, self.schema) as w:
-            for block in blocks:
-                w.write_table(block.select(self.schema.names).cast(self.schema))
-                rows += block.num_rows
-        return rows
+    with pq.ParquetWriter(os.path.join(out, f"train-{index:05d}.parquet"), PREFERENCE_SCHEMA) as w:
+        for path in paths:
+            ids = _kept_ids(kept_dir, _file_key(path))
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=SELECT_BATCH_ROWS):
+                table = pa.Table.from_batches([batch])
+                buffer.append(table.filter(pc.is_in(table["pair_id"], value_set=ids))
+                              .select(PREFERENCE_SCHEMA.names).cast(PREFERENCE_SCHEMA))
+                rows += buffer[-1].num_rows
+                if sum(b.num_rows for b in buffer) >= SELECT_BATCH_ROWS:
+                    flush(w)
+        if buffer:
+            flush(w)
+    return rows
+
+
+def _file_groups(files: list[str], min_bytes: int = SELECT_FILE_BYTES) -> list[list[str]]:
+    """Consecutive files, gathered until a group holds ``min_bytes``: one group per large file."""
+    groups, size = [], min_bytes
+    for f in files:
+        if size >= min_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(f)
+        size += os.path.getsize(f)
+    return groups
 
 
 def _write_selected(pref_files: list[str], kept_dir: Path, out: Path) -> None:
-    ctx = ray.data.DataContext.get_current()
-    preserve = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True
-    try:
-        full = ray.data.read_parquet(pref_files, include_paths=True)
-        full.map_batches(_keep_selected, fn_kwargs={"kept_dir": str(kept_dir)}, batch_format="pyarrow").write_datasink(
-            OrderedParquetSink(str(out), PREFERENCE_SCHEMA)
-        )
-    finally:
-        ctx.execution_options.preserve_order = preserve
+    """The kept rows of the preference files into ``out`` in the files' order: one Ray task
+    and one output file per preference file (small ones gathered, ``_file_groups``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    task = stage_task(_select_files)
+    groups = _file_groups(pref_files)
+    pending = [task.remote(i, g, str(kept_dir), str(out)) for i, g in enumerate(groups)]
+    done = 0
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)  # a task's error, here
+        done += 1
+        log.info("select: %d/%d output files written", done, len(groups))
     for f in out.glob("train-*.parquet"):  # empty parts carry no rows; drop them
         if pq.ParquetFile(f).metadata.num_rows == 0:
             f.unlink()

@@ -63,7 +63,7 @@ from hetray.schema import (
     SFT_SCHEMA,
     split_output,
 )
-from hetray.stage import Stage, require_ray, run_stage
+from hetray.stage import Stage, require_ray, run_stage, stage_task
 from hetray.unify.dataflow import LABELS, build_dataset, find_duplicates, hub_error, read_blocks
 from hetray.unify.sources import adapter_for
 from hetray.unify.sources.readers import (
@@ -167,9 +167,7 @@ def by_file(planned: list, cfg_convert) -> tuple[list, list]:
 
 def run_file_tasks(root: str, tasks: list, batch_size: int | None, duplicates: dict) -> list:
     """Start ``convert_file`` for every file of ``tasks``; the object refs of their counts."""
-    import ray
-
-    remote = ray.remote(convert_file)
+    remote = stage_task(convert_file)
     refs, i = [], 0
     for adapter, files, s in tasks:
         dups = duplicates.get(s.name)

@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 
 from hetray.formats import hub_spec
 from hetray.schema import FLOW_SCHEMA, ITEM, OUTPUT_SCHEMA
+from hetray.stage import stage_task
 from hetray.unify.sources.base import tally_label_names
 from hetray.unify.sources.readers import InputError, iter_file_batches, make_datasource
 
@@ -242,10 +243,10 @@ def _task_key_pass(adapter, files: list[str], s, parts: int) -> pa.Table:
 
     names = sorted(set(files))
     rank = {name: i for i, name in enumerate(names)}
-    keys = ray.remote(file_keys).options(num_returns=parts)
+    keys = stage_task(file_keys).options(num_returns=parts)
     maps = [keys.remote(f, rank[f], adapter, s, parts) for f in files]
     maps = [m if parts > 1 else [m] for m in maps]
-    reduce = ray.remote(duplicates_in)
+    reduce = stage_task(duplicates_in)
     tables = ray.get([reduce.remote(names, adapter, *[m[i] for m in maps]) for i in range(parts)])
     return pa.concat_tables(tables).cast(adapter.DUPLICATES_SCHEMA)
 
