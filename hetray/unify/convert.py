@@ -13,7 +13,9 @@ file of its schema without rows.
 
 Per source the pipeline is ``read -> parse (map_batches) -> [groupby(bucket) -> combine] ->
 write`` (``hetray.unify.dataflow``): rows that are independent are converted a batch at a time
-with Arrow, and the shuffle only runs where records must meet (flat OASST messages of a tree,
+with Arrow (local files of such a source, at least as many as CPUs, by plain Ray tasks, one per
+file, that stream read -> parse -> write: ``by_file``), and the shuffle only runs where records
+must meet (flat OASST messages of a tree,
 WinoBias pro/anti files, WinoGender pairs, generic scored responses); WinoGrande's duplicate
 qIDs are found by a narrow pass over (qID, file, line) only. It is Ray's shuffle, so replies of
 one prompt may sit in different files and memory stays bounded. The writer splits each block
@@ -147,8 +149,8 @@ def by_file(planned: list, cfg_convert) -> tuple[list, list]:
     where Ray Data's plan would be one fused read -> parse -> write task per file anyway
     (local files, rows independent, at least as many files as CPUs or as the read wants
     blocks, no ``num_output_files``); fewer, larger files stay on Ray Data, which splits their
-    blocks so the parse spreads over the CPUs. Ray Data's write step keeps every block a task wrote until the task
-    ends (``itertools.tee`` in ``plan_write_op``, Ray 2.60), so its memory grew with the file:
+    blocks so the parse spreads over the CPUs. Ray Data's write step keeps every block a task
+    wrote until the task ends (``itertools.tee`` in ``plan_write_op``, Ray 2.60), so its memory grew with the file:
     3M WinoGrande rows in 2 files peaked at 2866 MiB, in 8 files at 2019 MiB; the same parse
     streamed in one process stays at 287 MiB."""
     import ray

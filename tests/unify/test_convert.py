@@ -299,3 +299,40 @@ def test_which_sources_take_a_task_per_file(tmp_path, ray_local):
     assert [s.name for _, _, s in tasks] == ["hh", "hh1"] and [s.name for _, _, s in rest] == ["oasst"]
     tasks, rest = by_file(planned, job(tmp_path, sources, num_output_files=2).convert)
     assert tasks == [] and len(rest) == 3  # a repartition needs the one Dataset
+
+
+def test_a_file_task_streams_its_file(tmp_path, monkeypatch):
+    """``convert_file`` holds one piece of its file at a time (Ray Data's fused write kept all of
+    a task's blocks): the Arrow memory alive during a parse is about the same for a file of 10
+    read pieces as for a file of one."""
+    import pyarrow as pa
+
+    from hetray.unify import convert
+    from hetray.unify.sources import hh
+    from hetray.unify.sources.readers import CHUNK_BYTES
+
+    peak = [0]
+    parse = hh.parse_table
+
+    def watched(*a, **k):
+        out = parse(*a, **k)
+        peak[0] = max(peak[0], pa.total_allocated_bytes())
+        return out
+
+    monkeypatch.setattr(hh, "parse_table", watched)
+    cfg = job(tmp_path, [{"name": "hh", "format": "hh", "path": str(FIXTURES / "hh" / "train.jsonl")}])
+    s = cfg.convert.sources[0]
+    row = json.dumps({"chosen": "\n\nHuman: " + "q " * 150 + "\n\nAssistant: yes", "rejected": "\n\nHuman: " + "q " * 150 + "\n\nAssistant: no"})
+    peaks = {}
+    for pieces in (1, 10):
+        path = tmp_path / f"hh-{pieces}.jsonl"
+        n = pieces * CHUNK_BYTES // (len(row) + 1)
+        path.write_text((row + "\n") * n)
+        root = tmp_path / f"out-{pieces}"
+        for folder in convert.OUTPUTS:
+            (root / folder).mkdir(parents=True)
+        peak[0] = 0
+        counts = convert.convert_file(str(root), "train.parquet", str(path), hh, s, None)
+        assert counts["hh"]["pairs"] == n
+        peaks[pieces] = peak[0]
+    assert peaks[10] < 1.5 * peaks[1], peaks
