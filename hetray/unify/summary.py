@@ -22,8 +22,10 @@ def _scan(path, columns):
     files = parquet_files(path)
     if not files:
         return
-    for batch in pads.dataset(files, format="parquet").to_batches(columns=columns):
-        yield batch
+    # no read-ahead: the columns are small and read once; Arrow's default (16 batches of 4
+    # files) raised the summary's peak from 234 to 343 MiB on 10M WinoGrande pairs, and was slower
+    yield from pads.dataset(files, format="parquet").to_batches(columns=columns, batch_readahead=1,
+                                                                 fragment_readahead=1)
 
 
 def pair_stats(path) -> dict:

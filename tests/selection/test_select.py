@@ -129,3 +129,19 @@ def test_sources_keeps_only_the_named_sources(converted):
     assert m["pairs_in"] == n_wg and sel.num_rows == int(n_wg * 0.5 + 0.5)
     with pytest.raises(ValueError, match="select.sources: nope not in"):
         run_select(cfg(converted, sources=["nope"]), out_name="selected_nope")
+
+
+def test_small_preference_files_share_an_output_file(tmp_path):
+    """Consecutive files are gathered, in order, until a group (one task, one output file)
+    holds 64 MiB: preference files of that size or more are each a group of their own."""
+    from hetray.selection.select import _file_groups
+
+    sizes = {"a": 10, "b": 10, "c": 100, "d": 5, "e": 60, "f": 70, "g": 1}
+    files = []
+    for name, mib in sizes.items():
+        f = tmp_path / name
+        with open(f, "wb") as fh:
+            fh.truncate(mib << 20)  # sparse
+        files.append(str(f))
+    groups = [[p.rsplit("/", 1)[1] for p in g] for g in _file_groups(files)]
+    assert groups == [["a", "b", "c"], ["d", "e"], ["f"], ["g"]]

@@ -303,8 +303,8 @@ def test_which_sources_take_a_task_per_file(tmp_path, ray_local):
 
 def test_a_file_task_streams_its_file(tmp_path, monkeypatch):
     """``convert_file`` holds one piece of its file at a time (Ray Data's fused write kept all of
-    a task's blocks): the Arrow memory alive during a parse is about the same for a file of 10
-    read pieces as for a file of one."""
+    a task's blocks): the Arrow memory alive during a parse is about the same for a file of 30
+    read pieces as for a file of 3 (holding them all would be 10x)."""
     import pyarrow as pa
 
     from hetray.unify import convert
@@ -324,7 +324,7 @@ def test_a_file_task_streams_its_file(tmp_path, monkeypatch):
     s = cfg.convert.sources[0]
     row = json.dumps({"chosen": "\n\nHuman: " + "q " * 150 + "\n\nAssistant: yes", "rejected": "\n\nHuman: " + "q " * 150 + "\n\nAssistant: no"})
     peaks = {}
-    for pieces in (1, 10):
+    for pieces in (3, 30):
         path = tmp_path / f"hh-{pieces}.jsonl"
         n = pieces * CHUNK_BYTES // (len(row) + 1)
         path.write_text((row + "\n") * n)
@@ -335,4 +335,4 @@ def test_a_file_task_streams_its_file(tmp_path, monkeypatch):
         counts = convert.convert_file(str(root), "train.parquet", str(path), hh, s, None)
         assert counts["hh"]["pairs"] == n
         peaks[pieces] = peak[0]
-    assert peaks[10] < 1.5 * peaks[1], peaks
+    assert peaks[30] < 1.5 * peaks[3], peaks
