@@ -296,6 +296,20 @@ class Stage:
             (self.out_dir / r).exists() for r in self.required)
 
 
+@contextmanager
+def block_size(nbytes: int):
+    """Ray Data's ``target_max_block_size`` for the datasets made inside; put back afterwards."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    saved = ctx.target_max_block_size
+    ctx.target_max_block_size = nbytes
+    try:
+        yield
+    finally:
+        ctx.target_max_block_size = saved
+
+
 def stage_task(fn):
     """``fn`` as a Ray task of one CPU for a stage's own fan-out (a task per file). Scheduled
     ``SPREAD``, as Ray Data schedules its tasks (``DataContext.scheduling_strategy``): over the

@@ -38,7 +38,6 @@ destroys the previous one.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -65,7 +64,7 @@ from hetray.schema import (
     SFT_SCHEMA,
     split_output,
 )
-from hetray.stage import Stage, require_ray, run_stage, stage_task
+from hetray.stage import Stage, block_size, require_ray, run_stage, stage_task
 from hetray.unify.dataflow import LABELS, build_dataset, find_duplicates, hub_error, read_blocks
 from hetray.unify.sources import adapter_for
 from hetray.unify.sources.readers import (
@@ -360,20 +359,6 @@ def check_input_counts(planned: list, counts: dict) -> None:
 # 32, 1781 at 8 (1M rows: 1680 at 32, 1472 at 8); but 8 MiB blocks slowed the OASST shuffle from
 # 29.4 s to 46.9 s at 3M messages (more, smaller sort tasks) for no less memory. Hence 32 MiB.
 BLOCK_BYTES = 32 << 20
-
-
-@contextlib.contextmanager
-def block_size(nbytes: int):
-    """Ray Data's ``target_max_block_size`` for the datasets made inside; put back afterwards."""
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    saved = ctx.target_max_block_size
-    ctx.target_max_block_size = nbytes
-    try:
-        yield
-    finally:
-        ctx.target_max_block_size = saved
 
 
 def run_convert(cfg: JobConfig, force: bool = False) -> dict:

@@ -145,3 +145,18 @@ def test_small_preference_files_share_an_output_file(tmp_path):
         files.append(str(f))
     groups = [[p.rsplit("/", 1)[1] for p in g] for g in _file_groups(files)]
     assert groups == [["a", "b", "c"], ["d", "e"], ["f"], ["g"]]
+
+
+def test_select_sets_its_block_size_only_while_it_runs(converted, monkeypatch):
+    from ray.data import DataContext
+
+    from hetray.selection import select
+
+    seen = []
+    join = select._with_clusters
+    monkeypatch.setattr(select, "_with_clusters",
+                        lambda *a, **k: seen.append(DataContext.get_current().target_max_block_size) or join(*a, **k))
+    before = DataContext.get_current().target_max_block_size
+    run_select(cfg(converted), force=True)
+    assert seen == [select.BLOCK_BYTES] and select.BLOCK_BYTES == 32 << 20
+    assert DataContext.get_current().target_max_block_size == before != select.BLOCK_BYTES
