@@ -320,6 +320,19 @@ def stage_task(fn):
     return ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(fn)
 
 
+def wait_tasks(refs: list, what: str):
+    """The results of Ray tasks ``refs`` as each finishes (a task's error raised here), logging
+    ``what: i/n`` for progress."""
+    import ray
+
+    pending = list(refs)
+    for done in range(1, len(pending) + 1):
+        ready, pending = ray.wait(pending, num_returns=1)
+        result = ray.get(ready[0])
+        log.info("%s: %d/%d", what, done, len(refs))
+        yield result
+
+
 def require_ray(stage: str) -> None:
     """Stages never start Ray (only the command line and the conductor do): fail clearly."""
     import ray

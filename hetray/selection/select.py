@@ -71,7 +71,7 @@ from hetray.datacard import write_empty, write_selected_card
 from hetray.schema import PREFERENCE_SCHEMA, make_id, parquet_files
 from hetray.selection.report import write_report
 from hetray.selection.rules import cut, near_duplicates, order, percentiles, quotas, ranking, tie_hash
-from hetray.stage import Stage, block_size, read_manifest, require_ray, run_stage, stage_task
+from hetray.stage import Stage, block_size, read_manifest, require_ray, run_stage, stage_task, wait_tasks
 
 log = logging.getLogger(__name__)
 
@@ -489,13 +489,9 @@ def _write_selected(pref_files: list[str], kept_dir: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     task = stage_task(_select_files)
     groups = _file_groups(pref_files)
-    pending = [task.remote(i, g, str(kept_dir), str(out)) for i, g in enumerate(groups)]
-    done = 0
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        ray.get(ready)  # a task's error, here
-        done += 1
-        log.info("select: %d/%d output files written", done, len(groups))
+    refs = [task.remote(i, g, str(kept_dir), str(out)) for i, g in enumerate(groups)]
+    for _ in wait_tasks(refs, "select: output files written"):
+        pass
     for f in out.glob("train-*.parquet"):  # empty parts carry no rows; drop them
         if pq.ParquetFile(f).metadata.num_rows == 0:
             f.unlink()

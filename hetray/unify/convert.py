@@ -64,7 +64,7 @@ from hetray.schema import (
     SFT_SCHEMA,
     split_output,
 )
-from hetray.stage import Stage, block_size, require_ray, run_stage, stage_task
+from hetray.stage import Stage, block_size, require_ray, run_stage, stage_task, wait_tasks
 from hetray.unify.dataflow import LABELS, build_dataset, find_duplicates, hub_error, read_blocks
 from hetray.unify.sources import adapter_for
 from hetray.unify.sources.readers import (
@@ -181,15 +181,9 @@ def run_file_tasks(root: str, tasks: list, batch_size: int | None, duplicates: d
 
 def wait_file_tasks(refs: list) -> dict:
     """The summed counts of the ``convert_file`` tasks, logging progress as files finish."""
-    import ray
-
     counts: dict = {}
-    pending, done = list(refs), 0
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        _merge(counts, ray.get(ready[0]))
-        done += 1
-        log.info("convert: %d/%d files written", done, len(refs))
+    for part in wait_tasks(refs, "convert: files written"):
+        _merge(counts, part)
     return counts
 
 

@@ -205,15 +205,20 @@ def read_raw(files: list[str], s):
 LOCAL_KEY_PASS_BYTES = 32 << 20
 
 
+def _unique_keys_of(file: str, adapter, s) -> pa.Table:
+    """KEYS rows of one local file (``adapter.unique_keys`` over its RAW batches)."""
+    with open(file, "rb") as f:
+        keys = [adapter.unique_keys(b, s) for b in iter_file_batches(f, file, s.limit)]
+    return pa.concat_tables(keys) if keys else adapter.KEYS_SCHEMA.empty_table()
+
+
 def file_keys(file: str, rank: int, adapter, s, parts: int) -> tuple[pa.Table, ...]:
     """One local file's key rows (``adapter.unique_keys``), split by a hash of ``record_id``
     into ``parts`` tables. ``file`` is the file's ``rank`` among the source's sorted names
     (int32: 4 bytes a row, not the path's ~40), which keeps the (file, line) order."""
     import numpy as np
 
-    with open(file, "rb") as f:
-        keys = [adapter.unique_keys(b, s) for b in iter_file_batches(f, file, s.limit)]
-    keys = pa.concat_tables(keys) if keys else adapter.KEYS_SCHEMA.empty_table()
+    keys = _unique_keys_of(file, adapter, s)
     keys = keys.set_column(keys.schema.get_field_index("file"), "file",
                            pa.array(np.full(keys.num_rows, rank, dtype=np.int32)))
     part = buckets(keys["record_id"], parts).to_numpy()
@@ -261,11 +266,7 @@ def find_duplicates(planned: list, batch_size: int, partitions: int | None = Non
         if not hasattr(adapter, "unique_keys"):
             continue
         if files and input_bytes(files) <= LOCAL_KEY_PASS_BYTES:
-            keys = []
-            for file in files:
-                with open(file, "rb") as f:
-                    keys += [adapter.unique_keys(b, s) for b in iter_file_batches(f, file, s.limit)]
-            out[s.name] = adapter.find_duplicates(pa.concat_tables(keys) if keys else adapter.KEYS_SCHEMA.empty_table())
+            out[s.name] = adapter.find_duplicates(pa.concat_tables([_unique_keys_of(f, adapter, s) for f in files]))
             continue
         n = n_shuffle_buckets(files, TYPED_BUCKET_BYTES)
         if files:
