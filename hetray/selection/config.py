@@ -25,7 +25,10 @@ class ClusterConfig(Strict):
     max_iter: int = Field(default=100, ge=1)
     tol: float = Field(default=1e-4, ge=0, description="stop when centroids move less than this (relative)")
     init: Literal["k-means++", "k-means||"] = "k-means++"
-    sample_size: int = Field(default=100_000, ge=1, description="points drawn for initialisation")
+    sample_size: int = Field(
+        default=100_000, ge=1,
+        description="most points drawn for initialisation (k-means++ reads max(10,000, 20 x n_clusters) of them)",
+    )
     batch_size: int = Field(default=65_536, ge=1, description="vectors per partial-sum batch")
     backend: Literal["auto", "faiss", "numpy"] = Field(
         default="auto",

@@ -24,8 +24,9 @@ class ConvertConfig(Strict):
     )
     shuffle_partitions: int | None = Field(
         default=None, ge=1,
-        description="partitions of the group-by shuffle (None: 2 per CPU, 1 per 128 MiB of input, "
-        "at most 200 and at most the number of shuffle buckets)",
+        description="partitions of a shuffle (None: for the on-disk shuffle of local files, 2 per CPU and "
+        "1 per 32 MiB of input; for Ray Data's group-by (hub datasets, num_output_files), 2 per CPU, "
+        "1 per 128 MiB of input, at most 200 and at most the number of shuffle buckets)",
     )
     num_output_files: int | None = Field(
         default=None, ge=1, description="repartition before writing (None: one file per block)"

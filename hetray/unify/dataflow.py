@@ -26,9 +26,12 @@ It is Ray's shuffle, so memory stays bounded by the object store (which spills t
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import pickle
+import tempfile
 import zlib
 from collections import defaultdict
 
@@ -212,26 +215,24 @@ def _unique_keys_of(file: str, adapter, s) -> pa.Table:
     return pa.concat_tables(keys) if keys else adapter.KEYS_SCHEMA.empty_table()
 
 
-def file_keys(file: str, rank: int, adapter, s, parts: int) -> tuple[pa.Table, ...]:
-    """One local file's key rows (``adapter.unique_keys``), split by a hash of ``record_id``
-    into ``parts`` tables. ``file`` is the file's ``rank`` among the source's sorted names
-    (int32: 4 bytes a row, not the path's ~40), which keeps the (file, line) order."""
+def ranked_keys(raw: pa.Table, adapter, s, rank: int) -> pa.Table:
+    """KEYS rows of a RAW batch (``adapter.unique_keys``) with ``file`` as the file's ``rank``
+    among the source's sorted names (int32: 4 bytes a row, not the path's ~40; it keeps the
+    (file, line) order)."""
     import numpy as np
 
-    keys = _unique_keys_of(file, adapter, s)
-    keys = keys.set_column(keys.schema.get_field_index("file"), "file",
+    keys = adapter.unique_keys(raw, s)
+    return keys.set_column(keys.schema.get_field_index("file"), "file",
                            pa.array(np.full(keys.num_rows, rank, dtype=np.int32)))
-    part = buckets(keys["record_id"], parts).to_numpy()
-    order = np.argsort(part, kind="stable")
-    keys, cuts = keys.take(pa.array(order)), np.searchsorted(part[order], np.arange(parts + 1))
-    split = tuple(keys.slice(cuts[i], cuts[i + 1] - cuts[i]) for i in range(parts))
-    return split if parts > 1 else split[0]
 
 
-def duplicates_in(names: list[str], adapter, *parts: pa.Table) -> pa.Table:
-    """The duplicate rows among one hash part of every file's keys (``file_keys``), with the
-    file ranks turned back into the names."""
-    dups = adapter.find_duplicates(pa.concat_tables(parts))  # DUPLICATES_SCHEMA: the ranks as strings
+def duplicates_in(names: list[str], adapter, paths: list[str], part: int, *cuts) -> pa.Table:
+    """The duplicate rows among one hash part of every file's keys (``to_disk`` of
+    ``ranked_keys``), with the file ranks turned back into the names."""
+    keys = read_part(list(zip(paths, cuts)), part)
+    if keys is None:
+        return adapter.DUPLICATES_SCHEMA.empty_table()
+    dups = adapter.find_duplicates(keys)  # DUPLICATES_SCHEMA: the ranks as strings
     names = pa.array(names, pa.string())
     for column in ("file", "first_file"):
         dups = dups.set_column(dups.schema.get_field_index(column), column,
@@ -239,24 +240,31 @@ def duplicates_in(names: list[str], adapter, *parts: pa.Table) -> pa.Table:
     return dups
 
 
-def _task_key_pass(adapter, files: list[str], s, parts: int) -> pa.Table:
-    """The narrow pass over local files as plain Ray tasks: one per file returns its keys in
-    ``parts`` hash parts, one per part finds the duplicates among them. Through Ray Data (a
-    read, a sort-based group-by and its sampling pass) the same pass took 7.4 s of a 13.3 s
-    stage on 3M WinoGrande rows in 8 files; as tasks 3.7 s (2 CPUs, load 0.2, 2026-12-07)."""
+def _task_key_pass(adapter, files: list[str], s, scratch: str, parts: int) -> pa.Table:
+    """The narrow pass over local files as plain Ray tasks, shuffled on disk (``to_disk``):
+    one per file streams its keys into ``scratch``, sorted by hash part, one per part finds the
+    duplicates among that part of every file. A task holds a batch or a part, never a file's
+    keys (which at 10M rows in 8 files had kept 770 MiB in the idle workers). Through Ray Data
+    (a read, a sort-based group-by and its sampling pass) the pass took 7.4 s of a 13.3 s stage
+    on 3M WinoGrande rows in 8 files; as tasks 3.7 s (2 CPUs, load 0.2, 2026-12-07)."""
     import ray
 
+    os.makedirs(scratch, exist_ok=True)
     names = sorted(set(files))
     rank = {name: i for i, name in enumerate(names)}
-    keys = stage_task(file_keys).options(num_returns=parts)
-    maps = [keys.remote(f, rank[f], adapter, s, parts) for f in files]
-    maps = [m if parts > 1 else [m] for m in maps]
+    paths = [os.path.join(scratch, f"keys-{s.name}-{j:05d}.arrow") for j in range(len(files))]
+    to = stage_task(to_disk)
+    cuts = [to.remote(path, f, s.limit, None, parts, functools.partial(ranked_keys, adapter=adapter, s=s, rank=rank[f]))
+            for path, f in zip(paths, files)]
     reduce = stage_task(duplicates_in)
-    tables = ray.get([reduce.remote(names, adapter, *[m[i] for m in maps]) for i in range(parts)])
+    tables = ray.get([reduce.remote(names, adapter, paths, p, *cuts) for p in range(parts)])
+    for path in paths:
+        if os.path.exists(path):
+            os.remove(path)
     return pa.concat_tables(tables).cast(adapter.DUPLICATES_SCHEMA)
 
 
-def find_duplicates(planned: list, batch_size: int, partitions: int | None = None) -> dict:
+def find_duplicates(planned: list, batch_size: int, partitions: int | None = None, scratch: str | None = None) -> dict:
     """{source name: DUPLICATES rows} for the sources whose adapter wants unique keys
     (``unique_keys``): the narrow pass of the module doc, on the driver for a small local
     input, as plain Ray tasks for larger local files (``_task_key_pass``), through Ray Data
@@ -268,10 +276,11 @@ def find_duplicates(planned: list, batch_size: int, partitions: int | None = Non
         if files and input_bytes(files) <= LOCAL_KEY_PASS_BYTES:
             out[s.name] = adapter.find_duplicates(pa.concat_tables([_unique_keys_of(f, adapter, s) for f in files]))
             continue
-        n = n_shuffle_buckets(files, TYPED_BUCKET_BYTES)
         if files:
-            out[s.name] = _task_key_pass(adapter, files, s, shuffle_partitions(files, partitions, n))
+            with _scratch(scratch) as where:
+                out[s.name] = _task_key_pass(adapter, files, s, where, disk_parts(files, partitions))
             continue
+        n = n_shuffle_buckets(files, TYPED_BUCKET_BYTES)
         keys = read_raw(files, s).map_batches(
             keys_batch, fn_kwargs={"adapter": adapter, "s": s, "n_buckets": n},
             batch_format="pyarrow", batch_size=batch_size)
@@ -330,6 +339,88 @@ def build_dataset(planned: list, batch_size: int, partitions: int | None = None,
             )
         )
     return direct[0].union(*direct[1:]) if len(direct) > 1 else direct[0]
+
+
+# ---------------------------------------------------------------------------- typed shuffle on disk
+
+# input bytes per hash part of the on-disk shuffle: a reduce task holds about one part's rows
+PART_BYTES = 32 << 20
+
+
+def disk_parts(files: list[str], configured: int | None = None) -> int:
+    """Hash parts of the on-disk shuffle: ``convert.shuffle_partitions`` when set, else one per
+    ``PART_BYTES`` of input and at least 2 per CPU, so a part's size, not its count, stays
+    fixed as the input grows."""
+    import ray
+
+    if configured:
+        return configured
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return int(max(2 * cpus, -(-input_bytes(files) // PART_BYTES)))
+
+
+def shuffle_key(table: pa.Table):
+    """What the on-disk shuffle hashes: a flow row's group (an OASST tree; ``record_id`` where
+    it has none, as ``flow_batch``), a key row's ``record_id``."""
+    if "group" in table.column_names:
+        return pc.coalesce(table["group"], table["record_id"])
+    return table["record_id"]
+
+
+def to_disk(path: str, file: str, limit: int | None, batch_size: int | None, parts: int, rows_of):
+    """Map side of the on-disk shuffle: the rows ``rows_of`` makes of each RAW batch of one
+    local file (``adapter.flow_table``; ``ranked_keys``), streamed into the Arrow IPC file
+    ``path``, each batch sorted by hash part (``shuffle_key``) and written as one record batch.
+    Returns the cuts, shape (batches, parts + 1): part ``p`` of batch ``b`` is rows
+    ``cuts[b, p]:cuts[b, p + 1]``. Memory is one batch, whatever the size of the file; a file
+    without rows writes nothing."""
+    import numpy as np
+
+    cuts, writer = [], None
+    try:
+        with open(file, "rb") as f:
+            for raw in iter_file_batches(f, file, limit):
+                step = batch_size or max(raw.num_rows, 1)
+                for i in range(0, raw.num_rows, step):
+                    table = rows_of(raw.slice(i, step))
+                    if table.num_rows == 0:
+                        continue
+                    part = buckets(shuffle_key(table), parts).to_numpy()
+                    order = np.argsort(part, kind="stable")
+                    writer = writer or pa.ipc.new_file(path, table.schema)
+                    writer.write_batch(table.take(pa.array(order)).combine_chunks().to_batches()[0])
+                    cuts.append(np.searchsorted(part[order], np.arange(parts + 1)))
+    finally:
+        if writer is not None:
+            writer.close()
+    return np.stack(cuts) if cuts else np.zeros((0, parts + 1), np.int64)
+
+
+@contextlib.contextmanager
+def _scratch(folder: str | None):
+    """``folder`` (the stage's own, on storage every node reaches), or a temporary one."""
+    if folder is not None:
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="hetray-shuffle-") as tmp:
+        yield tmp
+
+
+def read_part(maps: list[tuple[str, object]], part: int) -> pa.Table | None:
+    """Reduce side: part ``part`` of every map file (``to_disk``: path and cuts; None
+    when no map wrote a row), without a copy: the slices point into memory maps of the files
+    (kept open by the buffers that use them), so only that part's pages are read, and they stay
+    the kernel's to evict."""
+    tables = []
+    for path, cuts in maps:
+        if len(cuts) == 0:
+            continue
+        reader = pa.ipc.open_file(pa.memory_map(path))
+        for b in range(reader.num_record_batches):
+            lo, hi = int(cuts[b, part]), int(cuts[b, part + 1])
+            if hi > lo:
+                tables.append(pa.Table.from_batches([reader.get_batch(b).slice(lo, hi - lo)]))
+    return pa.concat_tables(tables) if tables else None
 
 
 # ---------------------------------------------------------------------------- hub datasets

@@ -19,7 +19,8 @@ from sklearn.datasets import make_blobs
 from hetray.stage import fingerprint
 from hetray.selection.clustering import run_cluster
 from hetray.config import JobConfig
-from hetray.selection.kmeans import _merge_sample, _pieces, assign, fit_kmeans, init_rows, kmeans_inertia, lloyd_batch, sample_batch
+from hetray.selection import kmeans as km
+from hetray.selection.kmeans import _merge_sample, _pieces, _sample, assign, fit_kmeans, init_rows, kmeans_inertia, lloyd_batch, sample_batch
 from hetray.schema import ASSIGNMENT_SCHEMA, embedding_schema, prompt_id
 
 
@@ -104,6 +105,29 @@ def test_initialisation_reads_the_head_of_the_sample():
     assert init_rows(10, 3_000) == 3_000  # a small sample is read whole
     assert init_rows(50, 100_000, init_size=20) == 50  # never fewer rows than clusters
     assert init_rows(10, 100_000, init_size=100_000) == 100_000
+
+
+def test_the_sample_pass_keeps_only_what_the_initialisation_reads(ray_local, monkeypatch):
+    """A smaller sample is the head of a larger one (the smallest keys), so capping the sample at
+    the rows k-means++ reads changes no result, only what the tasks ship to the driver."""
+    x = np.repeat(blobs(n=1500, d=16, seed=4), [1, 2, 1] * 500, axis=0)  # repeats: weights > 1
+    ds = ray_local.data.from_numpy(np.array_split(x, 4)).materialize()
+    pieces = _pieces(ds, 500)
+    big, big_w, big_distinct, var = _sample(pieces, len(x), "data", 0, 1200)
+    small, small_w, small_distinct, small_var = _sample(pieces, len(x), "data", 0, 300)
+    assert small.shape == (300, 16) and big.shape == (1200, 16)
+    np.testing.assert_array_equal(small, big[:300])
+    np.testing.assert_array_equal(small_w, big_w[:300])
+    assert set(small_w) == {1.0, 2.0} and small_var == var
+    assert big_distinct is None and small_distinct is None  # 1500 distinct: above both caps
+
+    caps = []
+    real = km._sample
+    monkeypatch.setattr(km, "_sample", lambda *a: caps.append(a[-1]) or real(*a))
+    fit_kmeans(ds, 5, sample_size=1200, init_size=300, column="data", max_iter=1, n_init=1)
+    fit_kmeans(ds, 5, sample_size=200, init_size=300, column="data", max_iter=1, n_init=1)
+    fit_kmeans(ds, 5, init=small[:5], column="data", max_iter=1, n_init=1)
+    assert caps == [300, 200, 5]  # init_size, capped by sample_size; k for given centroids
 
 
 def test_empty_clusters_are_reseeded(ray_local, caplog):

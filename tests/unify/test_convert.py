@@ -3,6 +3,8 @@
 import json
 import os
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -235,8 +237,9 @@ def test_convert_sets_its_block_size_only_while_it_runs(tmp_path, ray_local, mon
     monkeypatch.setattr(convert, "build_dataset",
                         lambda *a, **k: seen.append(DataContext.get_current().target_max_block_size) or build(*a, **k))
     before = DataContext.get_current().target_max_block_size
-    # flat OASST messages meet in a shuffle: Ray Data's plan (``by_file`` keeps it)
-    run_convert(job(tmp_path, [{"name": "o", "format": "oasst", "path": str(FIXTURES / "oasst" / "messages_raw.jsonl")}]))
+    # flat OASST messages with num_output_files: Ray Data's plan (its group-by, then a repartition)
+    run_convert(job(tmp_path, [{"name": "o", "format": "oasst", "path": str(FIXTURES / "oasst" / "messages_raw.jsonl")}],
+                    num_output_files=1))
     assert seen == [convert.BLOCK_BYTES] and convert.BLOCK_BYTES == 32 << 20
     assert DataContext.get_current().target_max_block_size == before
 
@@ -285,6 +288,64 @@ def test_a_task_per_file_writes_what_the_ray_data_plan_writes(tmp_path, ray_loca
     assert counts["wg"]["reasons"].get("duplicate_id") == 1 and counts["wg"]["rejected"] >= 2
     assert len(parquet_files(tmp_path / "tasks" / "preferences")) == 7  # one file per input file
     assert sum(c["pairs"] for c in counts.values()) == sum(1 for r in rows["preferences"])
+
+
+@pytest.mark.parametrize("partitions", [None, 1, 5])
+def test_the_disk_shuffle_writes_what_ray_datas_group_by_writes(tmp_path, ray_local, monkeypatch, partitions):
+    """Flat OASST messages of local files meet in a shuffle on disk (``on_disk``: a task per
+    file writes its rows sorted by hash part, a task per part combines them); Ray Data's
+    group-by gives the same rows in all three outputs and the same counts. Each tree's messages
+    are dealt over three files, with a malformed line; ``batch_size`` 2 cuts every file into
+    several batches; 1, the default and 5 parts."""
+    from hetray.unify import convert
+
+    sources = [
+        {"name": "oa", "format": "oasst", "path": _split_into(FIXTURES / "oasst" / "messages_raw.jsonl", tmp_path / "oa", 3,
+                                                              [b'{"message_id": "x", "role": 7}'])},
+        {"name": "dx", "format": "oasst", "path": OASST_DETOX, "label": "detoxify.toxicity"},
+    ]
+    chosen, runs = [], {}
+    real = convert.on_disk
+    monkeypatch.setattr(convert, "on_disk", lambda planned, c: chosen.append(real(planned, c)) or chosen[-1])
+    for plan in ("disk", "ray_data"):
+        if plan == "ray_data":
+            monkeypatch.setattr(convert, "on_disk", lambda planned, c: ({}, planned))
+        cfg = JobConfig.model_validate({"run_dir": str(tmp_path / plan), "convert": {
+            "sources": sources, "batch_size": 2, "shuffle_partitions": partitions}})
+        m = run_convert(cfg)
+        runs[plan] = (m["counts"], {f: _sorted_rows(tmp_path / plan / f) for f in ("preferences", "sft_only", "rejects")})
+    typed, rest = chosen[0]
+    assert [[s.name for _, _, s in v] for v in typed.values()] == [["oa", "dx"]] and rest == []
+    assert runs["disk"] == runs["ray_data"]
+    counts, rows = runs["disk"]
+    assert counts["oa"]["pairs"] > 0 and counts["oa"]["rejected"] >= 1 and counts["dx"]["labels"]["detoxify.toxicity"] > 0
+    assert sum(c["pairs"] for c in counts.values()) == len(rows["preferences"])
+    n_files = len(parquet_files(tmp_path / "disk" / "preferences"))
+    assert n_files <= (partitions or 4)  # a file per part with pairs (default: 2 per CPU)
+    assert not (tmp_path / "disk" / "shuffle").exists() and not list((tmp_path / "disk").glob("**/*.arrow"))
+
+
+def test_a_disk_shuffle_part_is_every_row_of_its_hash_part(tmp_path):
+    """``to_disk`` then ``read_part``: every flow row comes back exactly once, in the part
+    of its tree, and a tree's rows all in one part."""
+    import functools
+
+    from hetray.unify.dataflow import buckets, read_part, to_disk
+    from hetray.unify.sources import oasst
+
+    src = tmp_path / "messages.jsonl"  # four trees (r1, h1, h2, d2), 20 lines
+    src.write_bytes(b"".join(open(FIXTURES / "oasst" / f, "rb").read() for f in (
+        "messages_raw.jsonl", "messages_hub_b.jsonl", "messages_detoxify_hub.jsonl")))
+    s = job(tmp_path, [{"name": "oa", "format": "oasst", "path": str(src)}]).convert.sources[0]
+    cuts = to_disk(str(tmp_path / "m.arrow"), str(src), None, 2, 3, functools.partial(oasst.flow_table, s=s))
+    assert cuts.shape[1] == 4 and len(cuts) >= 9 and (cuts[:, 0] == 0).all()  # 18 lines in batches of 2
+    parts = {p: read_part([(str(tmp_path / "m.arrow"), cuts)], p) for p in range(3)}
+    parts = {p: t for p, t in parts.items() if t is not None}  # None: no row hashed to the part
+    assert sum(t.num_rows for t in parts.values()) == cuts[:, -1].sum()
+    for p, t in parts.items():
+        assert set(buckets(pc.coalesce(t["group"], t["record_id"]), 3).to_pylist()) == {p}
+    trees = [set(pc.drop_null(t["group"]).to_pylist()) for t in parts.values()]
+    assert all(not (a & b) for i, a in enumerate(trees) for b in trees[i + 1:]) and sum(map(len, trees)) >= 2
 
 
 def test_which_sources_take_a_task_per_file(tmp_path, ray_local):
