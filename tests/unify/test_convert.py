@@ -325,27 +325,40 @@ def test_the_disk_shuffle_writes_what_ray_datas_group_by_writes(tmp_path, ray_lo
     assert not (tmp_path / "disk" / "shuffle").exists() and not list((tmp_path / "disk").glob("**/*.arrow"))
 
 
-def test_a_disk_shuffle_part_is_every_row_of_its_hash_part(tmp_path):
-    """``to_disk`` then ``read_part``: every flow row comes back exactly once, in the part
-    of its tree, and a tree's rows all in one part."""
+@pytest.mark.parametrize("flush_bytes", [1, 16 << 20])
+def test_a_disk_shuffle_part_is_every_row_of_its_hash_part(tmp_path, monkeypatch, flush_bytes):
+    """``to_disk`` then ``read_part``: every flow row comes back exactly once, in the part of
+    its tree, and a tree's rows all in one part; with a buffer that flushes after every batch
+    (1 byte) and with one that holds the whole file."""
     import functools
 
+    from hetray.unify import dataflow
     from hetray.unify.dataflow import buckets, read_part, to_disk
     from hetray.unify.sources import oasst
 
-    src = tmp_path / "messages.jsonl"  # four trees (r1, h1, h2, d2), 20 lines
+    monkeypatch.setattr(dataflow, "FLUSH_BYTES", flush_bytes)
+    src = tmp_path / "messages.jsonl"  # four trees (r1, h1, h2, d2), 18 lines
     src.write_bytes(b"".join(open(FIXTURES / "oasst" / f, "rb").read() for f in (
         "messages_raw.jsonl", "messages_hub_b.jsonl", "messages_detoxify_hub.jsonl")))
     s = job(tmp_path, [{"name": "oa", "format": "oasst", "path": str(src)}]).convert.sources[0]
-    cuts = to_disk(str(tmp_path / "m.arrow"), str(src), None, 2, 3, functools.partial(oasst.flow_table, s=s))
-    assert cuts.shape[1] == 4 and len(cuts) >= 9 and (cuts[:, 0] == 0).all()  # 18 lines in batches of 2
-    parts = {p: read_part([(str(tmp_path / "m.arrow"), cuts)], p) for p in range(3)}
-    parts = {p: t for p, t in parts.items() if t is not None}  # None: no row hashed to the part
-    assert sum(t.num_rows for t in parts.values()) == cuts[:, -1].sum()
+    index = to_disk(str(tmp_path / "m.arrow"), str(src), None, 2, 3, functools.partial(oasst.flow_table, s=s))
+    whole = oasst.flow_table(next(iter_file_batches_of(src)), s)
+    assert len(index) == (2 if flush_bytes > 1 else 9 + 1)  # parts 0 and 2; 9 batches of 2, one with 2 trees
+    parts = {p: read_part([(str(tmp_path / "m.arrow"), index)], p) for p in range(3)}
+    assert parts[1] is None  # no tree hashes to part 1
+    parts = {p: t for p, t in parts.items() if t is not None}
+    assert sum(t.num_rows for t in parts.values()) == whole.num_rows
     for p, t in parts.items():
         assert set(buckets(pc.coalesce(t["group"], t["record_id"]), 3).to_pylist()) == {p}
     trees = [set(pc.drop_null(t["group"]).to_pylist()) for t in parts.values()]
-    assert all(not (a & b) for i, a in enumerate(trees) for b in trees[i + 1:]) and sum(map(len, trees)) >= 2
+    assert not (trees[0] & trees[1]) and trees[0] | trees[1] == {"r1", "h1", "h2", "d2"}
+
+
+def iter_file_batches_of(path):
+    from hetray.unify.sources.readers import iter_file_batches
+
+    with open(path, "rb") as f:
+        yield from iter_file_batches(f, str(path), None)
 
 
 def test_which_sources_take_a_task_per_file(tmp_path, ray_local):
