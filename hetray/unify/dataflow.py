@@ -7,21 +7,26 @@ A source takes one of four paths, by what its adapter offers (``hetray.unify.sou
   ``parse_table`` converts a whole RAW batch with Arrow (``sources.vector``); no shuffle.
   WinoGrande allows one pair per qID: a narrow pass first reads every good row's ``(qID, file,
   line)``, groups those by qID (a shuffle of three short columns, not of the rows: plain Ray
-  tasks, one per file and one per hash part) and hands ``parse_table`` the later rows of a
-  repeated qID, which become ``duplicate_id`` rejects (``find_duplicates``; the driver holds
-  only those rows).
+  tasks, one per file and one per hash part, shuffled on disk) and hands ``parse_table`` the
+  later rows of a repeated qID, which become ``duplicate_id`` rejects (``find_duplicates``;
+  the driver holds only those rows).
 * **records must meet, typed** (flat OASST messages: a tree's messages may sit in different
   files): ``flow_table`` parses a batch into typed columns, the stage shuffles them by tree and
-  ``combine_table`` pairs every tree of a shuffle bucket with Arrow joins and sorts.
+  ``combine_table`` pairs every tree of a shuffle part with Arrow joins and sorts. Local files
+  are shuffled on disk by plain Ray tasks (``to_disk`` / ``read_part``: a task per file writes
+  its rows in hash parts to an Arrow IPC file, a task per part reads its batches of every
+  file), hub datasets by Ray Data's group-by.
 * **records must meet, per record** (WinoBias, WinoGender, generic ``scored``): ``parse`` per
   record, the items pickled through one shared shuffle, ``combine`` per group
   (``parse_batch`` / ``combine_bucket``). Their data sets are small.
 * **independent, per record** (OASST tree lines): ``parse`` per record and ``combine`` within
   the batch.
 
-A shuffle groups by ``bucket`` (a hash of the group key), not by the group itself: a bucket
-holds many groups, so the per-call cost of ``map_groups`` is paid per bucket, not per tree.
-It is Ray's shuffle, so memory stays bounded by the object store (which spills to disk).
+Ray Data's shuffle groups by ``bucket`` (a hash of the group key), not by the group itself: a
+bucket holds many groups, so the per-call cost of ``map_groups`` is paid per bucket, not per
+tree; its memory is bounded by the object store (which spills to disk). The on-disk shuffle
+holds a 16 MiB buffer per map task and one part (about 32 MiB of input) per reduce task, and
+moves nothing through the object store.
 """
 
 from __future__ import annotations
