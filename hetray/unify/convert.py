@@ -15,10 +15,10 @@ Per source the pipeline is ``read -> parse (map_batches) -> [groupby(bucket) -> 
 write`` (``hetray.unify.dataflow``): rows that are independent are converted a batch at a time
 with Arrow (local files of such a source, at least as many as CPUs, by plain Ray tasks, one per
 file, that stream read -> parse -> write: ``by_file``), and the shuffle only runs where records
-must meet (flat OASST messages of a tree,
-WinoBias pro/anti files, WinoGender pairs, generic scored responses); WinoGrande's duplicate
-qIDs are found by a narrow pass over (qID, file, line) only. It is Ray's shuffle, so replies of
-one prompt may sit in different files and memory stays bounded. The writer splits each block
+must meet (flat OASST messages of a tree: on disk, by plain Ray tasks, ``run_disk_shuffles``;
+WinoBias pro/anti files, WinoGender pairs, generic scored responses: Ray Data's group-by);
+WinoGrande's duplicate qIDs are found by a narrow pass over (qID, file, line) only, shuffled
+on disk too. Replies of one prompt may sit in different files and memory stays bounded. The writer splits each block
 by kind into the three folders and returns counts (an empty shuffle partition is an empty block
 without columns: skipped). Label names that the adapters' items carry (``base.LABEL_NAMES``)
 are tallied per batch into one ``kind="labels"`` row (never written); after the pass each
