@@ -91,11 +91,13 @@ def test_sample_is_independent_of_block_layout(ray_local):
 
 
 def test_a_pass_runs_one_task_per_batch_of_a_block(ray_local):
-    """A block larger than batch_size is cut into pieces (one task each), in block order, so a
-    dataset of one big block still spreads over the CPUs."""
+    """A block larger than batch_size is cut into equal pieces (one task each), in block order,
+    so a dataset of one big block still spreads over the CPUs, and they finish together."""
     ds = ray_local.data.from_numpy([np.zeros((1000, 4), np.float32), np.ones((250, 4), np.float32)]).materialize()
     pieces = _pieces(ds, 300)
-    assert [(start, stop) for _, start, stop in pieces] == [(0, 300), (300, 600), (600, 900), (900, 1000), (0, 250)]
+    assert [(start, stop) for _, start, stop in pieces] == [(0, 250), (250, 500), (500, 750), (750, 1000), (0, 250)]
+    assert [(a, b) for _, a, b in _pieces(ds, 1000)] == [(0, 1000), (0, 250)]
+    assert [(a, b) for _, a, b in _pieces(ds, 999)] == [(0, 500), (500, 1000), (0, 250)]
     assert len({ref for ref, _, _ in pieces}) == 2  # two blocks, read in place
 
 
