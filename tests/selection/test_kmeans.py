@@ -95,10 +95,24 @@ def test_a_pass_runs_one_task_per_batch_of_a_block(ray_local):
     so a dataset of one big block still spreads over the CPUs, and they finish together."""
     ds = ray_local.data.from_numpy([np.zeros((1000, 4), np.float32), np.ones((250, 4), np.float32)]).materialize()
     pieces = _pieces(ds, 300)
-    assert [(start, stop) for _, start, stop in pieces] == [(0, 250), (250, 500), (500, 750), (750, 1000), (0, 250)]
-    assert [(a, b) for _, a, b in _pieces(ds, 1000)] == [(0, 1000), (0, 250)]
+    # 2 CPUs: five equal pieces of 250 would leave one CPU idle for a piece; halving the first evens them
+    assert [(start, stop) for _, start, stop in pieces] == [(0, 125), (125, 250), (250, 500), (500, 750), (750, 1000), (0, 250)]
+    assert [(a, b) for _, a, b in _pieces(ds, 1000)] == [(0, 500), (500, 1000), (0, 250)]
     assert [(a, b) for _, a, b in _pieces(ds, 999)] == [(0, 500), (500, 1000), (0, 250)]
     assert len({ref for ref, _, _ in pieces}) == 2  # two blocks, read in place
+
+
+def test_pieces_are_split_until_the_cpus_share_a_pass_evenly():
+    from hetray.selection.kmeans import _balance, _makespan
+
+    blocks = [("b", i * 65_536, (i + 1) * 65_536) for i in range(15)] + [("s", 0, 16_960)]  # 1M rows
+    assert _makespan([b - a for _, a, b in blocks], 2) == 8 * 65_536
+    even = _balance(blocks, 2)
+    assert _makespan([b - a for _, a, b in even], 2) == 508_480  # the even split is 500,000
+    assert even[:2] == [("b", 0, 32_768), ("b", 32_768, 65_536)] and len(even) == 17
+    assert sum(b - a for _, a, b in even) == 1_000_000
+    assert _balance(blocks, 16) == blocks  # one piece per CPU already: nothing to gain
+    assert _balance([("a", 0, 1)], 2) == [("a", 0, 1)]
 
 
 def test_initialisation_reads_the_head_of_the_sample():
