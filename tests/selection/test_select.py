@@ -64,6 +64,10 @@ def test_select_end_to_end(converted):
     assert {p.suffix for p in (converted / "selected").iterdir()} == {".parquet", ".json", ".md"}
     text = (report / "report.md").read_text()
     assert "| wg |" in text and "cluster 0" in text
+    # the prompts nearest each centroid, looked up by a task per embeddings file: real prompt texts
+    examples = [line[2:] for line in text.split("## Example prompts")[1].splitlines() if line.startswith("- ")]
+    prompts = {p[:200].replace(chr(10), " ") for p in prefs["prompt"].to_pylist()}
+    assert examples and set(examples) <= prompts and all(examples)
 
 
 def test_top_by_quality_within_cells(converted):
