@@ -74,8 +74,8 @@ from hetray.unify.dataflow import (
     find_duplicates,
     hub_error,
     read_blocks,
+    map_to_disk,
     read_part,
-    to_disk,
 )
 from hetray.unify.sources import adapter_for
 from hetray.unify.sources.readers import (
@@ -214,33 +214,30 @@ def on_disk(planned: list, cfg_convert) -> tuple[dict, list]:
     return dict(typed), rest
 
 
-def combine_part(root: str, name: str, paths: list[str], part: int, adapter, settings: dict, *cuts) -> dict:
-    """Reduce side of the on-disk shuffle: part ``part`` of every map file, combined
-    (``adapter.combine_table``) and written: its counts (``write_tables``)."""
-    rows = read_part(list(zip(paths, cuts)), part)
+def combine_part(root: str, name: str, paths: list[str], part: int, adapter, settings: dict, *index) -> dict:
+    """Reduce side of the on-disk shuffle: part ``part`` of every map file (``index``: each
+    file's batch parts), combined (``adapter.combine_table``) and written: its counts
+    (``write_tables``)."""
+    rows = read_part(list(zip(paths, index)), part)
     return {} if rows is None else write_tables(root, name, [adapter.combine_table(rows, settings)])
 
 
 def run_disk_shuffles(root: str, scratch: str, typed: dict, batch_size: int | None, partitions: int | None) -> list:
-    """Per adapter of ``typed`` (``on_disk``): a task per file writes its flow rows, sorted by
-    hash part, to ``scratch`` (``to_disk``); once all have, a task per part combines that
-    part of every file (``combine_part``). Each task holds a batch or a part, never a whole
-    file or the whole input, so memory stays flat as the input grows. Returns the object refs
-    of the parts' counts."""
-    os.makedirs(scratch, exist_ok=True)
-    to, combine = stage_task(to_disk), stage_task(combine_part)
+    """Per adapter of ``typed`` (``on_disk``): a task per file writes its flow rows by hash
+    part to ``scratch`` (``map_to_disk``); once all have, a task per part combines that part of
+    every file (``combine_part``). Each task holds a batch or a part, never a whole file or the
+    whole input, so memory stays flat as the input grows. Returns the object refs of the parts'
+    counts."""
+    combine = stage_task(combine_part)
     refs = []
     for a, sources in enumerate(typed.values()):
-        jobs = [(adapter, f, s) for adapter, files, s in sources for f in files]
-        parts = disk_parts([f for _, f, _ in jobs], partitions)
-        paths = [os.path.join(scratch, f"map-{a:02d}-{j:05d}.arrow") for j in range(len(jobs))]
-        cuts = [to.remote(path, f, s.limit, batch_size, parts, functools.partial(adapter.flow_table, s=s))
-                for path, (adapter, f, s) in zip(paths, jobs)]
-        for _ in wait_tasks(cuts, "convert: files shuffled to disk"):
-            pass
-        adapter, settings = jobs[0][0], {s.name: s for _, _, s in sources}
+        jobs = [(f, s.limit, batch_size, functools.partial(adapter.flow_table, s=s))
+                for adapter, files, s in sources for f in files]
+        parts = disk_parts([f for f, *_ in jobs], partitions)
+        paths, index = map_to_disk(scratch, f"map-{a:02d}", jobs, parts, "convert: files shuffled to disk")
+        adapter, settings = sources[0][0], {s.name: s for _, _, s in sources}
         refs += [combine.remote(root, f"train-s{a:02d}-{p:05d}-{uuid.uuid4().hex[:8]}.parquet", paths, p,
-                                adapter, settings, *cuts) for p in range(parts)]
+                                adapter, settings, *index) for p in range(parts)]
     return refs
 
 
@@ -427,15 +424,15 @@ def run_convert(cfg: JobConfig, force: bool = False) -> dict:
         # input records are counted (in a thread) while Ray converts
         with block_size(BLOCK_BYTES), ThreadPoolExecutor(1) as pool:
             counting = {s.name: pool.submit(count_input, adapter, files, s) for adapter, files, s in planned}
-            duplicates = find_duplicates(planned, cfg.convert.batch_size, cfg.convert.shuffle_partitions,
-                                         str(tmp / "shuffle"))
-            tasks, rest = by_file(planned, cfg.convert)
-            typed, rest = on_disk(rest, cfg.convert)
-            for folder in OUTPUTS:
-                (tmp / folder).mkdir(parents=True, exist_ok=True)
-            refs = run_file_tasks(str(tmp), tasks, cfg.convert.batch_size, duplicates)
-            scratch = tmp / "shuffle"
+            scratch = tmp / "shuffle"  # the on-disk shuffles' map files: never part of the output
             try:
+                duplicates = find_duplicates(planned, cfg.convert.batch_size, str(scratch),
+                                             cfg.convert.shuffle_partitions)
+                tasks, rest = by_file(planned, cfg.convert)
+                typed, rest = on_disk(rest, cfg.convert)
+                for folder in OUTPUTS:
+                    (tmp / folder).mkdir(parents=True, exist_ok=True)
+                refs = run_file_tasks(str(tmp), tasks, cfg.convert.batch_size, duplicates)
                 refs += run_disk_shuffles(str(tmp), str(scratch), typed, cfg.convert.batch_size,
                                           cfg.convert.shuffle_partitions)
                 if rest:
@@ -445,7 +442,7 @@ def run_convert(cfg: JobConfig, force: bool = False) -> dict:
                     ds.write_datasink(sink)
                 _merge(sink.counts, wait_file_tasks(refs))
             finally:
-                shutil.rmtree(scratch, ignore_errors=True)  # the map files: never part of the output
+                shutil.rmtree(scratch, ignore_errors=True)
             inputs = {name: f.result() for name, f in counting.items()}
         for folder, schema in OUTPUTS.items():  # readers (datasets too) always find a schema, even for 0 rows
             if not any((tmp / folder).glob("*.parquet")):

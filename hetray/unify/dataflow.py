@@ -31,12 +31,10 @@ moves nothing through the object store.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
 import pickle
-import tempfile
 import zlib
 from collections import defaultdict
 
@@ -45,7 +43,7 @@ import pyarrow.compute as pc
 
 from hetray.formats import hub_spec
 from hetray.schema import FLOW_SCHEMA, ITEM, OUTPUT_SCHEMA
-from hetray.stage import stage_task
+from hetray.stage import stage_task, wait_tasks
 from hetray.unify.sources.base import tally_label_names
 from hetray.unify.sources.readers import InputError, iter_file_batches, make_datasource
 
@@ -231,10 +229,11 @@ def ranked_keys(raw: pa.Table, adapter, s, rank: int) -> pa.Table:
                            pa.array(np.full(keys.num_rows, rank, dtype=np.int32)))
 
 
-def duplicates_in(names: list[str], adapter, paths: list[str], part: int, *cuts) -> pa.Table:
+def duplicates_in(names: list[str], adapter, paths: list[str], part: int, *index) -> pa.Table:
     """The duplicate rows among one hash part of every file's keys (``to_disk`` of
-    ``ranked_keys``), with the file ranks turned back into the names."""
-    keys = read_part(list(zip(paths, cuts)), part)
+    ``ranked_keys``; ``index``: each map file's batch parts), with the file ranks turned back
+    into the names."""
+    keys = read_part(list(zip(paths, index)), part)
     if keys is None:
         return adapter.DUPLICATES_SCHEMA.empty_table()
     dups = adapter.find_duplicates(keys)  # DUPLICATES_SCHEMA: the ranks as strings
@@ -246,34 +245,29 @@ def duplicates_in(names: list[str], adapter, paths: list[str], part: int, *cuts)
 
 
 def _task_key_pass(adapter, files: list[str], s, scratch: str, parts: int) -> pa.Table:
-    """The narrow pass over local files as plain Ray tasks, shuffled on disk (``to_disk``):
-    one per file streams its keys into ``scratch``, sorted by hash part, one per part finds the
+    """The narrow pass over local files as plain Ray tasks, shuffled on disk (``map_to_disk``):
+    one per file streams its keys into ``scratch`` by hash part, one per part finds the
     duplicates among that part of every file. A task holds a batch or a part, never a file's
     keys (which at 10M rows in 8 files had kept 770 MiB in the idle workers). Through Ray Data
     (a read, a sort-based group-by and its sampling pass) the pass took 7.4 s of a 13.3 s stage
     on 3M WinoGrande rows in 8 files; as tasks 3.7 s (2 CPUs, load 0.2, 2026-12-07)."""
     import ray
 
-    os.makedirs(scratch, exist_ok=True)
     names = sorted(set(files))
     rank = {name: i for i, name in enumerate(names)}
-    paths = [os.path.join(scratch, f"keys-{s.name}-{j:05d}.arrow") for j in range(len(files))]
-    to = stage_task(to_disk)
-    cuts = [to.remote(path, f, s.limit, None, parts, functools.partial(ranked_keys, adapter=adapter, s=s, rank=rank[f]))
-            for path, f in zip(paths, files)]
+    jobs = [(f, s.limit, None, functools.partial(ranked_keys, adapter=adapter, s=s, rank=rank[f])) for f in files]
+    paths, index = map_to_disk(scratch, f"keys-{s.name}", jobs, parts, "convert: qID keys shuffled to disk")
     reduce = stage_task(duplicates_in)
-    tables = ray.get([reduce.remote(names, adapter, paths, p, *cuts) for p in range(parts)])
-    for path in paths:
-        if os.path.exists(path):
-            os.remove(path)
+    tables = ray.get([reduce.remote(names, adapter, paths, p, *index) for p in range(parts)])
     return pa.concat_tables(tables).cast(adapter.DUPLICATES_SCHEMA)
 
 
-def find_duplicates(planned: list, batch_size: int, partitions: int | None = None, scratch: str | None = None) -> dict:
+def find_duplicates(planned: list, batch_size: int, scratch: str, partitions: int | None = None) -> dict:
     """{source name: DUPLICATES rows} for the sources whose adapter wants unique keys
     (``unique_keys``): the narrow pass of the module doc, on the driver for a small local
     input, as plain Ray tasks for larger local files (``_task_key_pass``), through Ray Data
-    for a hub dataset. The driver holds only the duplicate rows."""
+    for a hub dataset. The driver holds only the duplicate rows. ``scratch``: a folder on storage every node reaches (the stage's
+    own), which the caller removes."""
     out = {}
     for adapter, files, s in planned:
         if not hasattr(adapter, "unique_keys"):
@@ -282,8 +276,7 @@ def find_duplicates(planned: list, batch_size: int, partitions: int | None = Non
             out[s.name] = adapter.find_duplicates(pa.concat_tables([_unique_keys_of(f, adapter, s) for f in files]))
             continue
         if files:
-            with _scratch(scratch) as where:
-                out[s.name] = _task_key_pass(adapter, files, s, where, disk_parts(files, partitions))
+            out[s.name] = _task_key_pass(adapter, files, s, scratch, disk_parts(files, partitions))
             continue
         n = n_shuffle_buckets(files, TYPED_BUCKET_BYTES)
         keys = read_raw(files, s).map_batches(
@@ -438,14 +431,19 @@ def read_part(maps: list[tuple[str, object]], part: int) -> pa.Table | None:
     return pa.concat_tables(tables) if tables else None
 
 
-@contextlib.contextmanager
-def _scratch(folder: str | None):
-    """``folder`` (the stage's own, on storage every node reaches), or a temporary one."""
-    if folder is not None:
-        yield folder
-        return
-    with tempfile.TemporaryDirectory(prefix="hetray-shuffle-") as tmp:
-        yield tmp
+def map_to_disk(scratch: str, prefix: str, jobs: list[tuple], parts: int, what: str) -> tuple[list[str], list]:
+    """The map side of an on-disk shuffle: a ``to_disk`` task per ``(file, limit, batch_size,
+    rows_of)`` of ``jobs``, writing ``scratch/<prefix>-<j>.arrow``; returns once all are done
+    (progress logged as ``what``), with the files' paths and the object refs of their batch
+    parts, for the reduce tasks (``read_part``)."""
+    os.makedirs(scratch, exist_ok=True)
+    to = stage_task(to_disk)
+    paths = [os.path.join(scratch, f"{prefix}-{j:05d}.arrow") for j in range(len(jobs))]
+    index = [to.remote(path, file, limit, batch_size, parts, rows_of)
+             for path, (file, limit, batch_size, rows_of) in zip(paths, jobs)]
+    for _ in wait_tasks(index, what):
+        pass
+    return paths, index
 
 
 # ---------------------------------------------------------------------------- hub datasets
