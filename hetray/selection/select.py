@@ -6,11 +6,12 @@ stratified so every source keeps its share (paper 2.4, 2.5, A.3).
 
 1. the narrow view of the pairs (``pair_id``, ``prompt_id`` = hash of the prompt, ``source``,
    ``quality``, ``tie`` = a seeded hash of ``pair_id``, ``file`` = the key of the preference
-   file the row comes from) is joined with the cluster assignments on ``prompt_id``: in one
-   task when the pairs fit one partition (``PARTITION_ROWS``), else by Ray Data's hash join,
-   shuffled through local disk. Its write tasks (``ClusterSink``) file the rows by cluster into
-   a scratch folder of the stage and return their counts per (cluster, source) (and each
-   cluster's nearest prompts, for the report), which the driver adds up;
+   file the row comes from) is joined with the cluster assignments on ``prompt_id`` by plain
+   Ray tasks, shuffled on disk (``_with_clusters``): a task per preference file and per
+   assignments file writes its rows by hash part, a task per part (about ``PARTITION_ROWS``
+   pairs) joins that part of both, files the rows by cluster into a scratch folder of the
+   stage and returns their counts per (cluster, source) (and each cluster's nearest prompts,
+   for the report), which the driver adds up;
 2. optional near-duplicate removal inside each cluster (``select.dedup_threshold``), one task
    per cluster, which files the remaining rows and counts them again;
 3. the driver turns the counts into quotas (``hetray.selection.rules.quotas``): O(clusters x
@@ -39,12 +40,13 @@ stratified so every source keeps its share (paper 2.4, 2.5, A.3).
 
 Memory: the driver holds O(clusters x sources) numbers and the report's bounded samples (at
 most ``REPORT_SAMPLE`` qualities per source, ``examples_per_cluster`` prompts per cluster), never
-per-pair data. A worker holds one join partition (at most ``PARTITION_ROWS`` pairs, or the
-assignments of as many prompts), one cluster while ranking it (its ranking columns and the
-sort: ~130 MB at its peak for a cluster of a million pairs; that one grows with the cluster;
-with near-duplicate removal, also the cluster's vectors), and the kept ids of one preference
-file while writing. Shuffles past one partition go
-through Ray Data's disk-based shuffle, not the object store. The scratch folder lies in the
+per-pair data. A worker holds one join part (about ``PARTITION_ROWS`` pairs and the
+assignments of their prompts) or a read batch and a 16 MiB buffer, one cluster while ranking
+it (its ranking columns and the sort: ~130 MB at its peak for a cluster of a million pairs;
+that one grows with the cluster; with near-duplicate removal, also the cluster's vectors), and
+the kept ids of one preference file while writing. The join's shuffle goes through files in
+the stage's scratch folder, the percentiles' shuffles (past one partition) through Ray Data's
+disk-based shuffle; neither through the object store. The scratch folder lies in the
 stage's temporary folder under ``run_dir``, so on a multi-node cluster ``run_dir`` must be
 storage that every node sees.
 """
@@ -54,6 +56,7 @@ import functools
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +75,7 @@ from hetray.schema import PREFERENCE_SCHEMA, make_id, parquet_files
 from hetray.selection.report import write_report
 from hetray.selection.rules import cut, near_duplicates, order, percentiles, quotas, ranking, tie_hash
 from hetray.stage import Stage, block_size, read_manifest, require_ray, run_stage, stage_task, wait_tasks
+from hetray.unify.dataflow import map_to_disk, read_part, tables_to_disk
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +122,8 @@ def _select(cfg: JobConfig, run_dir: Path, pref_files: list[str], n_pairs: int, 
 
     # 1. the narrow view joined with the clusters, filed by cluster; counts per (cluster, source)
     assign_files = parquet_files(run_dir / "clusters" / "assignments")
-    sink = ClusterSink(str(scratch / "pairs"), s.sources, with_prompt=s.dedup_threshold is not None,
-                       examples=s.examples_per_cluster)
-    _with_clusters(pref_files, assign_files, cfg.seed, parts).write_datasink(sink)
-    counts = sink.counts
+    joined = _with_clusters(pref_files, assign_files, cfg.seed, parts, scratch, s)
+    counts = joined["counts"]
     if int(counts["n"].sum()) != n_pairs:
         raise RuntimeError(f"{n_pairs - int(counts['n'].sum())} pairs have no cluster assignment: re-run `hetray cluster`")
     if s.sources is not None:  # e.g. a WinoGrande-only baseline over the shared clusters
@@ -180,7 +182,7 @@ def _select(cfg: JobConfig, run_dir: Path, pref_files: list[str], n_pairs: int, 
         raise RuntimeError(f"select kept {pairs_selected} pairs but wrote {written}: is every pair_id of "
                            f"{run_dir / 'preferences'} unique?")
     report = write_report(report_dir, cfg, table, _quality_sample(scratch / "sample"),
-                          _examples(sink.nearest, run_dir), sample_size=REPORT_SAMPLE)
+                          _examples(joined["nearest"], run_dir), sample_size=REPORT_SAMPLE)
     write_selected_card(out, cfg, table, whole, dropped_dup, PREFERENCE_SCHEMA)
     log.info("select: kept %d of %d pairs (fraction %s)", pairs_selected, n_pairs, s.fraction)
     return {
@@ -202,14 +204,13 @@ def _file_key(path: str) -> str:
     return make_id(path)
 
 
-def _narrow(batch: pa.Table, seed: int) -> pa.Table:
-    paths = pc.unique(batch["path"])
-    keys = pa.array([_file_key(p) for p in paths.to_pylist()], pa.string())
+def _narrow(batch: pa.Table, seed: int, file: str) -> pa.Table:
+    """The narrow view of a batch of one preference file (``file``: its key, ``_file_key``)."""
     q = batch["quality"]
     q = pc.if_else(pc.is_nan(q), pa.scalar(None, pa.float64()), pc.add(q, 0.0))  # NaN: no score; -0.0 == 0.0
     return pa.table(
         {
-            "file": keys.take(pc.index_in(batch["path"], value_set=paths)),
+            "file": pa.repeat(pa.scalar(file, pa.string()), batch.num_rows),
             "pair_id": batch["pair_id"],
             "prompt_id": [make_id(p) for p in batch["prompt"].to_pylist()],
             "source": batch["source"],
@@ -221,25 +222,68 @@ def _narrow(batch: pa.Table, seed: int) -> pa.Table:
 
 NARROW = pa.schema([("file", pa.string()), ("pair_id", pa.string()), ("prompt_id", pa.string()),
                     ("source", pa.string()), ("quality", pa.float64()), ("tie", pa.uint64()), ("cluster", pa.int32())])
+JOIN_BATCH_ROWS = 65_536  # rows of a preference or assignments file read at a time by the join's map tasks
 
 
-def _with_clusters(pref_files: list[str], assign_files: list[str], seed: int, parts: int):
+def _prompt_key(table: pa.Table):
+    return table["prompt_id"]
+
+
+def _batches(file: str, columns: list[str]):
+    for batch in pq.ParquetFile(file).iter_batches(batch_size=JOIN_BATCH_ROWS, columns=columns):
+        yield pa.Table.from_batches([batch])
+
+
+def _pairs_to_disk(path: str, parts: int, file: str, seed: int):
+    """Map side of the join: the narrow view of one preference file, by hash part of ``prompt_id``."""
+    key = _file_key(file)
+    tables = (_narrow(t, seed, key) for t in _batches(file, ["pair_id", "prompt", "source", "quality"]))
+    return tables_to_disk(path, parts, tables, key=_prompt_key)
+
+
+def _assignments_to_disk(path: str, parts: int, file: str):
+    """Map side of the join: one file of cluster assignments, by hash part of ``prompt_id``."""
+    return tables_to_disk(path, parts, _batches(file, ["prompt_id", "cluster", "distance"]), key=_prompt_key)
+
+
+def _join_part(folder: str, sources: list[str] | None, with_prompt: bool, examples: int, part: int,
+               pair_paths: list[str], assign_paths: list[str], *index) -> dict:
+    """Reduce side of the join: part ``part`` of the pairs meets the same part of the
+    assignments (``index``: the batch parts of every pair file, then of every assignments
+    file), filed by cluster (``_file_rows``)."""
+    n = len(pair_paths)
+    pairs = read_part(list(zip(pair_paths, index[:n])), part)
+    assign = read_part(list(zip(assign_paths, index[n:])), part)
+    if pairs is None or assign is None:  # no pairs here, or none with a cluster (the driver's count says so)
+        return _file_rows(NARROW.empty_table().append_column("distance", pa.array([], pa.float32())), folder,
+                          f"part-{part:05d}", sources, with_prompt, examples)
+    joined = pairs.join(assign, keys="prompt_id", join_type="inner")
+    return _file_rows(joined, folder, f"part-{part:05d}", sources, with_prompt, examples)
+
+
+def _with_clusters(pref_files: list[str], assign_files: list[str], seed: int, parts: int, scratch: Path,
+                   s) -> dict:
     """The narrow view joined with the cluster assignments (``cluster``, ``distance``) on
-    ``prompt_id``. Pairs that fit one partition meet their clusters in one task (a broadcast
-    join: the task reads the assignments, at most one per pair); more pairs take Ray Data's
-    hash join, shuffled through local disk (Ray Data's disk-based shuffle: the shards wait in
-    files, served to the reducers over Arrow Flight, not in the object store), so that memory
-    stays flat however many pairs there are."""
-    narrow = ray.data.read_parquet(pref_files, include_paths=True)
-    narrow = narrow.select_columns(["pair_id", "prompt", "source", "quality", "path"])
-    narrow = narrow.map_batches(_narrow, fn_kwargs={"seed": seed}, batch_format="pyarrow")
-    if parts == 1:  # the files with their sizes and times: a worker's cached copy is never stale
-        files = tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in assign_files)
-        return narrow.map_batches(_broadcast_join, fn_kwargs={"files": files}, batch_size=None, batch_format="pyarrow")
-    assign = ray.data.read_parquet(assign_files).select_columns(["prompt_id", "cluster", "distance"])
-    joined = narrow.join(assign, "inner", num_partitions=parts, on=("prompt_id",))
-    _disk_shuffle(joined.context, parts)
-    return joined
+    ``prompt_id`` and filed by cluster into ``scratch/pairs``, as plain Ray tasks shuffled on
+    disk (``hetray.unify.dataflow.map_to_disk``, as convert's): a task per preference file and
+    per assignments file writes its rows by hash part of ``prompt_id``, then a task per part
+    joins that part of both and files the rows (``_join_part``). A task holds a read batch and
+    a 16 MiB buffer, or one part (about ``PARTITION_ROWS`` pairs and their prompts' clusters),
+    so memory stays flat however many pairs there are; nothing goes through the object store.
+    Ray Data's hash join, which this replaced, ran aggregator actors that held their
+    partitions (~200 MB each) and stayed in the workers. Returns the parts' results
+    (``_file_rows``), summed (``_sum_counts``)."""
+    join_scratch = str(scratch / "join")
+    pair_paths, pair_index = map_to_disk(join_scratch, "pairs", [(f, seed) for f in pref_files], parts,
+                                         "select: pairs shuffled to disk", fn=_pairs_to_disk)
+    assign_paths, assign_index = map_to_disk(join_scratch, "clusters", [(f,) for f in assign_files], parts,
+                                             "select: assignments shuffled to disk", fn=_assignments_to_disk)
+    join = stage_task(_join_part)
+    refs = [join.remote(str(scratch / "pairs"), s.sources, s.dedup_threshold is not None, s.examples_per_cluster, p,
+                        pair_paths, assign_paths, *pair_index, *assign_index) for p in range(parts)]
+    results = list(wait_tasks(refs, "select: pairs joined with their clusters"))
+    shutil.rmtree(join_scratch, ignore_errors=True)
+    return _sum_counts(results, s.examples_per_cluster)
 
 
 def _disk_shuffle(ctx, parts: int) -> None:
@@ -254,59 +298,64 @@ def _disk_shuffle(ctx, parts: int) -> None:
     ctx.max_hash_shuffle_aggregators = max(1, min(parts, cpus))
 
 
-@functools.lru_cache(maxsize=1)
-def _assignments(files: tuple) -> pa.Table:
-    return pa.concat_tables(pq.read_table(f, columns=["prompt_id", "cluster", "distance"]) for f, _, _ in files)
+def _file_rows(table: pa.Table, folder: str, name: str, sources: list[str] | None, with_prompt: bool,
+               examples: int) -> dict:
+    """Files narrow rows by cluster (``<folder>/<cluster>/<name>.parquet``, only the rows of
+    ``sources`` when given) and returns the rows per (cluster, source) and how many of them
+    have a quality: the counts that the quotas need, aggregated where the rows are. With
+    ``examples``, also each cluster's ``examples`` nearest prompts among the rows."""
+    schema = NARROW if with_prompt else NARROW.remove(NARROW.get_field_index("prompt_id"))
+    nearest = _nearest(table.select(["prompt_id", "cluster", "distance"]), examples) if examples else None
+    if "pct" in table.column_names:  # once the percentiles are joined on
+        schema = schema.append(pa.field("pct", pa.float64()))
+    table = table.select(schema.names).cast(schema)
+    counts = table.group_by(["cluster", "source"]).aggregate([("pair_id", "count"), ("quality", "count")])
+    if sources is not None:
+        table = table.filter(pc.is_in(table["source"], value_set=pa.array(sources, pa.string())))
+    table = table.sort_by([("cluster", "ascending")])
+    clusters = table["cluster"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, clusters[1:] != clusters[:-1]]) if len(clusters) else []
+    for a, b in zip(starts, [*starts[1:], len(clusters)]):
+        sub = os.path.join(folder, str(int(clusters[a])))
+        os.makedirs(sub, exist_ok=True)
+        pq.write_table(table.slice(a, b - a), os.path.join(sub, f"{name}.parquet"))
+    return {"counts": counts, "nearest": nearest}
 
 
-def _broadcast_join(batch: pa.Table, files: tuple) -> pa.Table:
-    return batch.join(_assignments(files), keys="prompt_id", join_type="inner")
+def _sum_counts(results: list[dict], examples: int = 0) -> dict:
+    """The ``_file_rows`` results of several tasks, added up: ``counts`` per (cluster, source)
+    (``n`` rows, ``scored`` of them with a quality) and each cluster's ``nearest`` prompts."""
+    parts = [r["counts"] for r in results if r["counts"].num_rows]
+    total = pa.concat_tables(parts).group_by(["cluster", "source"]).aggregate(
+        [("pair_id_count", "sum"), ("quality_count", "sum")]) if parts else None
+    counts = pd.DataFrame({
+        "cluster": total["cluster"].to_numpy().astype(int) if total else [],
+        "source": total["source"].to_pylist() if total else [],
+        "n": total["pair_id_count_sum"].to_numpy().astype(int) if total else [],
+        "scored": total["quality_count_sum"].to_numpy().astype(int) if total else [],
+    }).sort_values(["cluster", "source"], ignore_index=True)
+    nearest = [r["nearest"] for r in results if r["nearest"] is not None]
+    nearest = _nearest(pa.Table.from_pandas(pd.concat(nearest), preserve_index=False), examples) \
+        if examples and nearest else None
+    return {"counts": counts, "nearest": nearest}
 
 
 class ClusterSink(Datasink):
-    """Files narrow rows by cluster (``<folder>/<cluster>/part-<task>.parquet``, only the rows
-    of ``sources`` when given) and returns, per write task, the rows per (cluster, source) and
-    how many of them have a quality: the counts that the quotas need, aggregated where the rows
-    are. With ``examples``, also each cluster's nearest prompts among the task's rows."""
+    """A Ray Data sink that files narrow rows by cluster (``_file_rows``, a file per write
+    task) and keeps their summed counts (``_sum_counts``) as ``counts``."""
 
-    def __init__(self, folder: str, sources: list[str] | None = None, with_prompt: bool = True, examples: int = 0):
-        self.folder, self.sources, self.examples = folder, sources, examples
-        self.schema = NARROW if with_prompt else NARROW.remove(NARROW.get_field_index("prompt_id"))
-        self.counts = self.nearest = None
+    def __init__(self, folder: str, with_prompt: bool = True):
+        self.folder, self.with_prompt = folder, with_prompt
+        self.counts = None
 
     def write(self, blocks, ctx) -> dict:
-        tables, nearest = [], []
-        for b in blocks:  # the narrow columns (and ``pct`` once the percentiles are joined on)
-            if self.examples:
-                nearest.append(_nearest(b.select(["prompt_id", "cluster", "distance"]), self.examples))
-            schema = self.schema.append(pa.field("pct", pa.float64())) if "pct" in b.column_names else self.schema
-            tables.append(b.select(schema.names).cast(schema))
-        table = pa.concat_tables(tables) if tables else self.schema.empty_table()
-        counts = table.group_by(["cluster", "source"]).aggregate([("pair_id", "count"), ("quality", "count")])
-        if self.sources is not None:
-            table = table.filter(pc.is_in(table["source"], value_set=pa.array(self.sources, pa.string())))
-        table = table.sort_by([("cluster", "ascending")])
-        clusters = table["cluster"].to_numpy()
-        starts = np.flatnonzero(np.r_[True, clusters[1:] != clusters[:-1]]) if len(clusters) else []
-        for a, b in zip(starts, [*starts[1:], len(clusters)]):
-            folder = os.path.join(self.folder, str(int(clusters[a])))
-            os.makedirs(folder, exist_ok=True)
-            pq.write_table(table.slice(a, b - a), os.path.join(folder, f"part-{ctx.task_idx:05d}.parquet"))
-        return {"counts": counts, "nearest": pd.concat(nearest) if nearest else None}
+        tables = [b for b in blocks if b.num_rows]
+        schema = NARROW if self.with_prompt else NARROW.remove(NARROW.get_field_index("prompt_id"))
+        table = pa.concat_tables(tables, promote_options="permissive") if tables else schema.empty_table()
+        return _file_rows(table, self.folder, f"part-{ctx.task_idx:05d}", None, self.with_prompt, 0)
 
     def on_write_complete(self, write_result) -> None:
-        parts = [r["counts"] for r in write_result.write_returns if r["counts"].num_rows]
-        total = pa.concat_tables(parts).group_by(["cluster", "source"]).aggregate(
-            [("pair_id_count", "sum"), ("quality_count", "sum")]) if parts else None
-        self.counts = pd.DataFrame({
-            "cluster": total["cluster"].to_numpy().astype(int) if total else [],
-            "source": total["source"].to_pylist() if total else [],
-            "n": total["pair_id_count_sum"].to_numpy().astype(int) if total else [],
-            "scored": total["quality_count_sum"].to_numpy().astype(int) if total else [],
-        }).sort_values(["cluster", "source"], ignore_index=True)
-        nearest = [r["nearest"] for r in write_result.write_returns if r["nearest"] is not None]
-        if self.examples and nearest:
-            self.nearest = _nearest(pa.Table.from_pandas(pd.concat(nearest), preserve_index=False), self.examples)
+        self.counts = _sum_counts(write_result.write_returns)["counts"]
 
 
 def _file_by_cluster(ds, folder: Path, with_prompt: bool = True) -> pd.DataFrame:
@@ -529,7 +578,7 @@ def _texts_in(file: str, ids: pa.Array) -> pa.Table:
 
 
 def _examples(nearest: pd.DataFrame | None, run_dir: Path) -> dict:
-    """The texts of the prompts nearest each centroid (``ClusterSink`` found them), looked up
+    """The texts of the prompts nearest each centroid (the join's tasks found them), looked up
     by a Ray task per embeddings file: the driver gets the few texts, never reads the prompts
     (it did, streamed: on 2.5M prompts its RSS rose 287 -> 387 MiB, and more with the data)."""
     if nearest is None:

@@ -369,21 +369,22 @@ def shuffle_key(table: pa.Table):
 FLUSH_BYTES = 16 << 20
 
 
-def to_disk(path: str, file: str, limit: int | None, batch_size: int | None, parts: int, rows_of):
-    """Map side of the on-disk shuffle: the rows ``rows_of`` makes of each RAW batch of one
-    local file (``adapter.flow_table``; ``ranked_keys``), hashed into ``parts`` parts
-    (``shuffle_key``) and written to the Arrow IPC file ``path``. Rows are buffered up to
-    ``FLUSH_BYTES``, then written as one record batch per part that has rows; returns the part
-    of every record batch (int32, in file order). Memory is the buffer, whatever the size of
-    the file; a file without rows writes nothing."""
+def tables_to_disk(path: str, parts: int, tables, key=None):
+    """Map side of the on-disk shuffle: ``tables`` (an iterable of Arrow tables of one
+    schema) hashed into ``parts`` parts by ``key(table)`` (``shuffle_key`` when None) and
+    written to the Arrow IPC file ``path``. Rows are buffered up to ``FLUSH_BYTES``, then
+    written as one record batch per part that has rows; returns the part of every record batch
+    (int32, in file order). Memory is the buffer, whatever the size of the input; an input
+    without rows writes nothing."""
     import numpy as np
 
+    key = key or shuffle_key
     index, pending, size, writer = [], [], 0, None
 
     def flush():
         nonlocal writer, pending, size
         table = pa.concat_tables(pending)
-        part = buckets(shuffle_key(table), parts).to_numpy()
+        part = buckets(key(table), parts).to_numpy()
         order = np.argsort(part, kind="stable")
         table, part = table.take(pa.array(order)), part[order]
         cuts = np.searchsorted(part, np.arange(parts + 1))
@@ -394,22 +395,32 @@ def to_disk(path: str, file: str, limit: int | None, batch_size: int | None, par
         pending, size = [], 0
 
     try:
-        with open(file, "rb") as f:
-            for raw in iter_file_batches(f, file, limit):
-                step = batch_size or max(raw.num_rows, 1)
-                for i in range(0, raw.num_rows, step):
-                    table = rows_of(raw.slice(i, step))
-                    if table.num_rows:
-                        pending.append(table)
-                        size += table.nbytes
-                    if size >= FLUSH_BYTES:
-                        flush()
+        for table in tables:
+            if table.num_rows:
+                pending.append(table)
+                size += table.nbytes
+            if size >= FLUSH_BYTES:
+                flush()
         if pending:
             flush()
     finally:
         if writer is not None:
             writer.close()
     return np.asarray(index, np.int32)
+
+
+def to_disk(path: str, parts: int, file: str, limit: int | None, batch_size: int | None, rows_of):
+    """``tables_to_disk`` of the rows ``rows_of`` makes of each RAW batch (``batch_size``
+    rows at a time) of one local file (``adapter.flow_table``; ``ranked_keys``)."""
+
+    def tables():
+        with open(file, "rb") as f:
+            for raw in iter_file_batches(f, file, limit):
+                step = batch_size or max(raw.num_rows, 1)
+                for i in range(0, raw.num_rows, step):
+                    yield rows_of(raw.slice(i, step))
+
+    return tables_to_disk(path, parts, tables())
 
 
 def read_part(maps: list[tuple[str, object]], part: int) -> pa.Table | None:
@@ -431,16 +442,16 @@ def read_part(maps: list[tuple[str, object]], part: int) -> pa.Table | None:
     return pa.concat_tables(tables) if tables else None
 
 
-def map_to_disk(scratch: str, prefix: str, jobs: list[tuple], parts: int, what: str) -> tuple[list[str], list]:
-    """The map side of an on-disk shuffle: a ``to_disk`` task per ``(file, limit, batch_size,
-    rows_of)`` of ``jobs``, writing ``scratch/<prefix>-<j>.arrow``; returns once all are done
-    (progress logged as ``what``), with the files' paths and the object refs of their batch
-    parts, for the reduce tasks (``read_part``)."""
+def map_to_disk(scratch: str, prefix: str, jobs: list[tuple], parts: int, what: str, fn=to_disk) -> tuple[list[str], list]:
+    """The map side of an on-disk shuffle: a task ``fn(path, parts, *job)`` per job of
+    ``jobs`` (``to_disk``: ``(file, limit, batch_size, rows_of)``), writing
+    ``scratch/<prefix>-<j>.arrow``; returns once all are done (progress logged as ``what``),
+    with the files' paths and the object refs of their batch parts, for the reduce tasks
+    (``read_part``)."""
     os.makedirs(scratch, exist_ok=True)
-    to = stage_task(to_disk)
+    to = stage_task(fn)
     paths = [os.path.join(scratch, f"{prefix}-{j:05d}.arrow") for j in range(len(jobs))]
-    index = [to.remote(path, file, limit, batch_size, parts, rows_of)
-             for path, (file, limit, batch_size, rows_of) in zip(paths, jobs)]
+    index = [to.remote(path, parts, *job) for path, job in zip(paths, jobs)]
     for _ in wait_tasks(index, what):
         pass
     return paths, index

@@ -2,6 +2,7 @@
 
 import shutil
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -164,3 +165,39 @@ def test_select_sets_its_block_size_only_while_it_runs(converted, monkeypatch):
     run_select(cfg(converted), force=True)
     assert seen == [select.BLOCK_BYTES] and select.BLOCK_BYTES == 32 << 20
     assert DataContext.get_current().target_max_block_size == before != select.BLOCK_BYTES
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_the_join_files_every_pair_once_in_its_prompts_cluster(converted, tmp_path, parts):
+    """``_with_clusters`` (map tasks by hash part of ``prompt_id``, a join task per part): every
+    pair lands once, in the folder of its prompt's cluster, with the counts the quotas need;
+    the shuffle's files are gone afterwards."""
+    from hetray.schema import make_id
+    from hetray.selection import select
+
+    prefs = table(converted / "preferences").to_pandas()
+    assign = table(converted / "clusters" / "assignments").to_pandas().set_index("prompt_id")["cluster"]
+    prefs["cluster"] = [int(assign[make_id(p)]) for p in prefs["prompt"]]
+    got = select._with_clusters(parquet_files(converted / "preferences"),
+                                parquet_files(converted / "clusters" / "assignments"), 3, parts, tmp_path,
+                                cfg(converted).select)
+    filed = {int(c.name): pq.read_table(c).to_pandas() for c in (tmp_path / "pairs").iterdir()}
+    rows = pd.concat([f.assign(folder=c) for c, f in filed.items()], ignore_index=True)
+    assert sorted(rows["pair_id"]) == sorted(prefs["pair_id"])  # each pair once
+    assert (rows["folder"] == rows["cluster"]).all()
+    assert dict(zip(rows["pair_id"], rows["cluster"])) == dict(zip(prefs["pair_id"], prefs["cluster"]))
+    want = prefs.groupby(["cluster", "source"]).agg(n=("pair_id", "size"), scored=("quality", "count")).reset_index()
+    assert got["counts"].to_dict("records") == want.to_dict("records")
+    assert set(got["nearest"]["cluster"]) == set(prefs["cluster"])
+    assert not (tmp_path / "join").exists()
+
+
+def test_pairs_without_a_cluster_fail_clearly(converted, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(converted / "preferences", run / "preferences")
+    shutil.copytree(converted / "clusters", run / "clusters")
+    first = parquet_files(run / "clusters" / "assignments")[0]
+    t = pq.read_table(first)
+    pq.write_table(t.slice(1), first)  # one prompt loses its cluster
+    with pytest.raises(RuntimeError, match=r"pairs have no cluster assignment: re-run `hetray cluster`"):
+        run_select(cfg(run))

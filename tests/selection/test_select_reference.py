@@ -155,8 +155,8 @@ def test_same_selection_as_the_reference(reference_run, expected, name):
 
 
 def test_same_selection_with_the_shuffle_join(reference_run, expected, monkeypatch):
-    """Inputs of more than one partition take Ray Data's hash join (and the percentiles' shuffles)
-    through the disk-based shuffle: the same pairs."""
+    """Inputs of more than one partition: the join in several hash parts, the percentiles
+    through Ray Data's disk-based shuffles: the same pairs."""
     monkeypatch.setattr(select, "PARTITION_ROWS", 100)  # 240 pairs: 3 partitions
     got, want = select_case(reference_run, "percentile_flat", out_name="sel_disk"), expected["cases"]["percentile_flat"]
     assert got["manifest"] == want["manifest"] and got["selected"] == want["selected"]

@@ -341,7 +341,7 @@ def test_a_disk_shuffle_part_is_every_row_of_its_hash_part(tmp_path, monkeypatch
     src.write_bytes(b"".join(open(FIXTURES / "oasst" / f, "rb").read() for f in (
         "messages_raw.jsonl", "messages_hub_b.jsonl", "messages_detoxify_hub.jsonl")))
     s = job(tmp_path, [{"name": "oa", "format": "oasst", "path": str(src)}]).convert.sources[0]
-    index = to_disk(str(tmp_path / "m.arrow"), str(src), None, 2, 3, functools.partial(oasst.flow_table, s=s))
+    index = to_disk(str(tmp_path / "m.arrow"), 3, str(src), None, 2, functools.partial(oasst.flow_table, s=s))
     whole = oasst.flow_table(next(iter_file_batches_of(src)), s)
     assert len(index) == (2 if flush_bytes > 1 else 9 + 1)  # parts 0 and 2; 9 batches of 2, one with 2 trees
     parts = {p: read_part([(str(tmp_path / "m.arrow"), index)], p) for p in range(3)}
