@@ -296,6 +296,9 @@ def main() -> None:
     t0 = time.perf_counter()
     # one logical CPU more than cores: the short read/shuffle/write tasks need a slot beside an
     # actor that reserves every core (hetray refuses to start without one)
+    from hetray.orchestrate.ray_init import set_worker_env  # as init_ray: Arrow's thread pool left alone
+
+    set_worker_env()
     ray.init(address="local", num_cpus=cores + 1, object_store_memory=args.object_store_memory,
              include_dashboard=False, log_to_driver=False)
     ray_start_s = round(time.perf_counter() - t0, 2)

@@ -183,6 +183,9 @@ def start(num_cpus: int = 2) -> None:
     import ray
 
     tracemalloc.start()
+    from hetray.orchestrate.ray_init import set_worker_env  # as init_ray: Arrow's thread pool left alone
+
+    set_worker_env()
     ray.init(address="local", num_cpus=num_cpus, object_store_memory=3 * 2**30, include_dashboard=False,
              log_to_driver=False, logging_level=logging.WARNING)
     ctx = ray.data.DataContext.get_current()

@@ -29,6 +29,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Ray Train's controller polls its workers every 2 s by default; each training run waits for a few
 # polls. Set before any Ray starts (workers inherit it): 8 s less per Ray Train run here.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# What init_ray sets for the Ray it starts (Ray Data leaves Arrow's thread pool alone), for every Ray
+# the tests start, in this process or in a subprocess.
+from hetray.orchestrate.ray_init import set_worker_env  # noqa: E402
+
+set_worker_env()
 
 
 @pytest.fixture(scope="session")

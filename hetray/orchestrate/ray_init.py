@@ -20,6 +20,22 @@ DASHBOARD_MIN_MEMORY = 8 << 30  # bytes; the dashboard's processes take ~0.5 GB
 # 2 s, sized for clusters). Each training stage waits for a few polls (workers up, each report,
 # workers done), so on a local Ray 0.5 s takes ~6 s off every stage; a cluster keeps Ray's default.
 LOCAL_TRAIN_POLL_S = "0.5"
+# Ray Data 2.60's Parquet reader resizes Arrow's process-wide CPU pool to 32 threads in the worker
+# that reads (RAY_DATA_PARQUET_READER_CPU_COUNT). Arrow's query engine (Acero: group_by, join)
+# sizes its per-thread state once per process, from the pools' sizes at its first use
+# (ThreadIndexer::Capacity), so a worker that ran a group-by or a join before such a read fails
+# its next threaded one: "thread index 10 is out of range [0, 10)" (select's percentile task, in a
+# worker where the join's tasks had run). 0: Ray leaves Arrow's pool as it is. Set for the Ray
+# that init_ray starts (its processes inherit the environment), in cluster.yaml's `ray start`s
+# and in jobs/runtime_env.yaml for a cluster.
+WORKER_ENV = {"RAY_DATA_PARQUET_READER_CPU_COUNT": "0"}
+
+
+def set_worker_env() -> None:
+    """``WORKER_ENV`` into this process's environment (a value already set there wins), before
+    a local Ray starts: its raylet and workers inherit it."""
+    for key, value in WORKER_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def init_ray(ray_cfg) -> None:
@@ -49,6 +65,7 @@ def init_ray(ray_cfg) -> None:
         # "local": a new Ray even when a `ray start` cluster runs on this machine (ray.init()
         # alone would join it, and refuse the CPUs set here); join one with ray.address: auto
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_TRAIN_POLL_S)  # before the raylet starts
+        set_worker_env()
         context = ray.init(address="local", **kwargs)
         what = "started a local Ray"
     console.route_worker_output()

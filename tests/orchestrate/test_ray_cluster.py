@@ -139,6 +139,11 @@ def test_head_runs_the_job_server_on_loopback():
     assert _flag(worker, "--address") == f"$RAY_HEAD_IP:{_flag(head, '--port')}"
     # the job server runs code from whoever reaches it: token auth on every node, one token
     assert head_env.get("RAY_AUTH_MODE") == worker_env.get("RAY_AUTH_MODE") == "token"
+    # every node's workers inherit what init_ray sets for a local Ray (Arrow's thread pool left alone)
+    from hetray.orchestrate.ray_init import WORKER_ENV
+
+    for env in (head_env, worker_env, _runtime_env()["env_vars"]):
+        assert {k: env.get(k) for k in WORKER_ENV} == WORKER_ENV
     assert c["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
 
 
