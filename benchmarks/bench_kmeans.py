@@ -26,6 +26,12 @@ Driver memory: the growth of the traced peak of Python/numpy allocations while f
 (tracemalloc) and of the peak RSS; hetray's driver holds the initialisation sample and
 O(n_init*k*d) partial sums, so its peak should not grow with n.
 
+BLAS: faiss, in hetray's tasks and for the baseline, is imported through
+``hetray.selection.blas.import_faiss``, so both run the same OpenBLAS kernels (faiss-cpu's
+bundled OpenBLAS 0.3.15 runs its SSE3 "Prescott" kernels on a CPU newer than it, such as a
+Sapphire Rapids Xeon, unless told otherwise; ``bench_blas.py`` measures that). The results record
+the core type every loaded BLAS ran.
+
 Crash fix (issue 14): tracemalloc is started once, before Ray starts, and never stopped while
 Ray runs. The old benchmark started and stopped it around every hetray fit; on Python < 3.12.9
 / 3.13.2 ``tracemalloc.stop()`` races with a thread that is waiting for the GIL inside
@@ -56,6 +62,8 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import write_results  # noqa: E402
+
+from hetray.selection.blas import import_faiss  # noqa: E402
 
 D, BLOBS, NOISE, BLOCK, SAMPLE = 384, 64, 0.05, 65_536, 100_000
 BACKENDS = ("numpy", "faiss")
@@ -129,7 +137,7 @@ class Peak:
 
 def inertia(x: np.ndarray, centroids: np.ndarray) -> float:
     """Exact sum of squared distances to the nearest centroid, the same yardstick for all."""
-    import faiss
+    faiss = import_faiss()
 
     index = faiss.IndexFlatL2(x.shape[1])
     index.add(np.ascontiguousarray(centroids, np.float32))
@@ -162,7 +170,7 @@ def run_sklearn(x, cfg) -> dict:
 
 
 def run_faiss(x, cfg) -> dict:
-    import faiss
+    faiss = import_faiss()  # the baseline runs the BLAS kernels hetray's tasks run
 
     k = cfg["k"]
     faiss.omp_set_num_threads(THREADS)
@@ -293,9 +301,14 @@ def markdown(rows: list[dict], backends=BACKENDS) -> str:
         "process) and of the RSS while fitting; the input array is already resident and not counted. "
         f"scikit-learn and faiss ran with {THREADS} thread(s), hetray on a local Ray with 2 CPUs "
         "(2 tasks x 1 faiss/BLAS thread). Load 1m: the 1-minute load average during the run "
-        "(above 2 means other processes competed for the 2 cores).\n"
+        "(above 2 means other processes competed for the 2 cores). BLAS kernels (threadpoolctl's core type, "
+        f"the driver's libraries; hetray's tasks import faiss the same way): {blas_line()}.\n"
         + ("\n" + "\n".join(notes) + "\n" if notes else "")
     )
+
+
+def blas_line() -> str:
+    return ", ".join(f"{t['file']} {t['version']} {t['core']}" for t in threadpools() if t["api"] == "openblas") or "-"
 
 
 def threadpools() -> list[dict]:
@@ -303,7 +316,7 @@ def threadpools() -> list[dict]:
     from threadpoolctl import threadpool_info
 
     return [{"api": i["internal_api"], "prefix": i["prefix"], "file": Path(i["filepath"]).name,
-             "version": i.get("version"), "threads": i["num_threads"]} for i in threadpool_info()]
+             "version": i.get("version"), "core": i.get("architecture"), "threads": i["num_threads"]} for i in threadpool_info()]
 
 
 def main() -> None:

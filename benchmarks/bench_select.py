@@ -221,7 +221,7 @@ def main() -> None:
         + breakdown(runs) +
         "Peak memory: PSS of the whole process tree of one stage (driver, raylet, GCS, workers; Ray's "
         f"object store capped at {args.object_store_mib} MiB; {res['partition_rows']:,} pairs per join partition: "
-        "more than one partition joins through Ray Data's disk-based shuffle), sampled every 0.5 s; driver peak RSS: the "
+        "the join's hash parts go through files on disk), sampled every 0.5 s; driver peak RSS: the "
         "select process's own ru_maxrss. Each stage runs in its own process with its own local Ray (2 CPUs). "
         "Vectors are synthetic 32-d (the embedding stage is excluded); k=10, n_init=10, fraction 0.4."
     )

@@ -180,8 +180,9 @@ def near_duplicates(vectors: np.ndarray, threshold: float) -> np.ndarray:
 
     Vectors must be L2-normalised. Cost is O(n * kept * d) per call: meant for one cluster.
     """
-    import faiss
+    from hetray.selection.blas import import_faiss
 
+    faiss = import_faiss()
     keep = np.zeros(len(vectors), dtype=bool)
     index = faiss.IndexFlatIP(vectors.shape[1])
     vecs = np.ascontiguousarray(vectors, dtype=np.float32)
