@@ -68,6 +68,7 @@ from hetray.selection.blas import import_faiss  # noqa: E402
 D, BLOBS, NOISE, BLOCK, SAMPLE = 384, 64, 0.05, 65_536, 100_000
 BACKENDS = ("numpy", "faiss")
 THREADS = 2  # threads for scikit-learn and faiss: the 2 CPUs hetray's local Ray gets
+REPEAT = 1  # rounds of every run (--repeat); ratios are the median of the rounds' paired ratios
 
 
 def make_data(n: int, seed: int = 0) -> np.ndarray:
@@ -235,20 +236,30 @@ def bench(n: int, configs: list[dict], backends=BACKENDS) -> list[dict]:
         if cfg.get("sklearn", True):
             runs.append(("sklearn", lambda: run_sklearn(x, cfg)))
         runs.append(("faiss", lambda: run_faiss(x, cfg)))
-        for name, fn in runs:
-            load = os.getloadavg()[0]
-            r = fn()
-            r["load_avg_1m"] = round(max(load, os.getloadavg()[0]), 1)
-            r["inertia"] = inertia(x, r.pop("centroids"))
-            row[name] = r
-            print(f"  k={cfg['k']} {name}: {json.dumps(r)}", flush=True)
+        done: dict[str, list] = {name: [] for name, _ in runs}
+        for rep in range(REPEAT):  # rounds: every run once per round, in the same order
+            for name, fn in runs:
+                load = os.getloadavg()[0]
+                r = fn()
+                r["load_avg_1m"] = round(max(load, os.getloadavg()[0]), 1)
+                r["inertia"] = inertia(x, r.pop("centroids"))
+                done[name].append(r)
+                print(f"  k={cfg['k']} round {rep + 1}/{REPEAT} {name}: {json.dumps(r)}", flush=True)
+        for name, rs in done.items():  # the run of median wall time stands for the name; all are kept
+            row[name] = {**sorted(rs, key=lambda r: r["wall_s"])[(len(rs) - 1) // 2],
+                         "walls": [r["wall_s"] for r in rs], "loads": [r["load_avg_1m"] for r in rs]}
         for b in backends:
+            hs = done[f"hetray_{b}"]
             h = row[f"hetray_{b}"]
             for ref in ("sklearn", "faiss"):
-                if isinstance(row.get(ref), dict):  # "sklearn": False in a config means left out
-                    row[f"time_{b}_over_{ref}"] = round(h["wall_s"] / row[ref]["wall_s"], 3)
+                if ref in done:  # "sklearn": False in a config means left out
+                    ratios = [a["wall_s"] / z["wall_s"] for a, z in zip(hs, done[ref])]  # paired by round
+                    row[f"time_{b}_over_{ref}"] = round(float(np.median(ratios)), 3)
+                    row[f"time_{b}_over_{ref}_rounds"] = [round(v, 3) for v in ratios]
                     row[f"inertia_{b}_over_{ref}"] = round(h["inertia"] / row[ref]["inertia"], 5)
-            row[f"pass_{b}_over_faiss_iter"] = round(h["s_per_pass"] / max(row["faiss"]["s_per_iter"], 1e-9), 3)
+            ratios = [a["s_per_pass"] / max(z["s_per_iter"], 1e-9) for a, z in zip(hs, done["faiss"])]
+            row[f"pass_{b}_over_faiss_iter"] = round(float(np.median(ratios)), 3)
+            row[f"pass_{b}_over_faiss_iter_rounds"] = [round(v, 3) for v in ratios]
         rows.append(row)
     del ds
     return rows
@@ -256,6 +267,22 @@ def bench(n: int, configs: list[dict], backends=BACKENDS) -> list[dict]:
 
 def _cell(r: dict, key: str, fmt=str) -> str:
     return fmt(r[key]) if key in r else "-"
+
+
+def _rounds(r: dict, key: str) -> str:
+    """A ratio, with every round's paired ratio when there were several."""
+    rounds = r.get(f"{key}_rounds", [])
+    return _cell(r, key) + (f" ({', '.join(map(str, rounds))})" if len(rounds) > 1 else "")
+
+
+def _walls(x: dict) -> str:
+    walls = x.get("walls", [])
+    return str(x["wall_s"]) + (f" ({', '.join(map(str, walls))})" if len(walls) > 1 else "")
+
+
+def _loads(x: dict) -> str:
+    loads = x.get("loads", [])
+    return f"{min(loads)}-{max(loads)}" if len(loads) > 1 else str(x["load_avg_1m"])
 
 
 def markdown(rows: list[dict], backends=BACKENDS) -> str:
@@ -273,13 +300,13 @@ def markdown(rows: list[dict], backends=BACKENDS) -> str:
             b = name.removeprefix("hetray_")
             is_h = name.startswith("hetray_")
             lines.append(
-                f"| {r['n']:,} | {r['k']} | {r['n_init']} | {r['max_iter']} | {name} | {x['wall_s']} "
-                f"| {_cell(r, f'time_{b}_over_faiss') if is_h else '-'} | {_cell(r, f'time_{b}_over_sklearn') if is_h else '-'} "
+                f"| {r['n']:,} | {r['k']} | {r['n_init']} | {r['max_iter']} | {name} | {_walls(x)} "
+                f"| {_rounds(r, f'time_{b}_over_faiss') if is_h else '-'} | {_rounds(r, f'time_{b}_over_sklearn') if is_h else '-'} "
                 f"| {_cell(r, f'inertia_{b}_over_sklearn') if is_h else '-'} | {_cell(r, f'inertia_{b}_over_faiss') if is_h else '-'} "
                 f"| {x['n_iter']} | {x.get('passes', '-')} "
                 f"| {str(x['sample_s']) + ' / ' + str(x['init_s']) + ' / ' + str(x['lloyd_s']) if is_h else '-'} "
-                f"| {x.get('s_per_pass', x.get('s_per_iter', '-'))} | {_cell(r, f'pass_{b}_over_faiss_iter') if is_h else '-'} "
-                f"| {x.get('traced_peak_mib', '-')} / {x['rss_delta_mib']} | {x['load_avg_1m']} |"
+                f"| {x.get('s_per_pass', x.get('s_per_iter', '-'))} | {_rounds(r, f'pass_{b}_over_faiss_iter') if is_h else '-'} "
+                f"| {x.get('traced_peak_mib', '-')} / {x['rss_delta_mib']} | {_loads(x)} |"
             )
     notes = sorted({f"- n={r['n']:,}, k={r['k']}: {r['note']}" for r in rows if r.get("note")})
     return (
@@ -300,7 +327,11 @@ def markdown(rows: list[dict], backends=BACKENDS) -> str:
         "Driver peak: growth of tracemalloc's peak (Python + numpy allocations; tracemalloc runs for the whole "
         "process) and of the RSS while fitting; the input array is already resident and not counted. "
         f"scikit-learn and faiss ran with {THREADS} thread(s), hetray on a local Ray with 2 CPUs "
-        "(2 tasks x 1 faiss/BLAS thread). Load 1m: the 1-minute load average during the run "
+        "(2 tasks x 1 faiss/BLAS thread). "
+        f"Rounds: {REPEAT} (every run once per round, same order); with more than one, wall s is the median run's "
+        "(each round's in brackets), time / faiss and pass / faiss iteration are medians of the ratios paired within a "
+        "round (each round's in brackets), the other columns are the median run's, load is the range. "
+        "Load 1m: the 1-minute load average during the run "
         "(above 2 means other processes competed for the 2 cores). BLAS kernels (threadpoolctl's core type, "
         f"the driver's libraries; hetray's tasks import faiss the same way): {blas_line()}.\n"
         + ("\n" + "\n".join(notes) + "\n" if notes else "")
@@ -328,15 +359,18 @@ def main() -> None:
     p.add_argument("--backends", nargs="*", choices=BACKENDS, default=list(BACKENDS),
                    help="hetray backends to run (default: both)")
     p.add_argument("--max-iter", type=int, help="override every configuration's max_iter (same cap for all runs)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of every run, in the same order each round; a ratio is the median of the rounds' paired "
+                        "ratios, and a row's other columns are those of its median-time run (default 1)")
     args = p.parse_args()
-    global THREADS
-    THREADS = args.threads
+    global THREADS, REPEAT
+    THREADS, REPEAT = args.threads, max(1, args.repeat)
     sizes = args.sizes or ([20_000, 50_000] if args.quick else [200_000, 1_000_000])
     logging.basicConfig(level=logging.WARNING)
     start()
     rows = []
     name = "bench_kmeans_quick" if args.quick else "bench_kmeans"
-    meta = {"threads_sklearn_faiss": THREADS, "ray_cpus": 2, "sample_size": SAMPLE, "python": sys.version.split()[0]}
+    meta = {"repeat": REPEAT, "threads_sklearn_faiss": THREADS, "ray_cpus": 2, "sample_size": SAMPLE, "python": sys.version.split()[0]}
     for n in sizes:
         configs = [c for c in plan(n, args.quick) if not args.k or c["k"] in args.k]
         if args.max_iter:
