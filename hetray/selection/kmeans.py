@@ -76,6 +76,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from hetray.selection.blas import import_faiss
+
 log = logging.getLogger(__name__)
 
 _CHUNK_ELEMS = 1 << 23  # distance-matrix entries per chunk (32 MiB of float32)
@@ -284,8 +286,6 @@ def resolve_backend(backend: str, k: int) -> str:
 def _faiss_threads():
     """faiss (OpenMP, and its OpenBLAS) on the CPUs this Ray task holds, 1 outside a task; the
     previous setting comes back afterwards."""
-    from hetray.selection.blas import import_faiss
-
     faiss = import_faiss()
     cpus = 1.0
     try:

@@ -29,6 +29,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from hetray.selection.blas import import_faiss
+
 
 def tie_hash(pair_ids, seed: int) -> np.ndarray:
     """A seeded, platform-independent uint64 hash of each pair id."""
@@ -180,8 +182,6 @@ def near_duplicates(vectors: np.ndarray, threshold: float) -> np.ndarray:
 
     Vectors must be L2-normalised. Cost is O(n * kept * d) per call: meant for one cluster.
     """
-    from hetray.selection.blas import import_faiss
-
     faiss = import_faiss()
     keep = np.zeros(len(vectors), dtype=bool)
     index = faiss.IndexFlatIP(vectors.shape[1])
